@@ -1,0 +1,87 @@
+"""The naive reference: Aaren as plain masked softmax attention, O(T²) memory.
+
+It forms the whole (query position × key position) score matrix, masks it, and takes a softmax,
+exactly as one writes causal attention by hand. It shares no code with the scans in `scan.py` and
+is the oracle the tests compare every method against.
+
+Shape letters: B batch, T (and K, I) timesteps, H heads, D value dimension.
+"""
+
+import numpy as np
+from keras import backend, ops
+
+
+def aaren_attention_naive(scores, values, initial_state=None, mask=None):
+    """Causal softmax attention of one query per head, written plainly.
+
+    $$o_k = \\sum_{i \\le k,\\ \\text{mask}_i} \\operatorname{softmax}_i(s)\\, v_i$$
+
+    An `initial_state` $(m_0, u_0, w_0)$ with $u_0 > 0$ enters as one more key in front of the
+    sequence, with score $m_0 + \\log u_0$ and value $w_0 / u_0$. A row with no real key outputs 0.
+
+    Args:
+        scores: tensor `(batch_size, timesteps, num_heads)`.
+        values: tensor `(batch_size, timesteps, num_heads, value_dim)`.
+        initial_state: optional tuple `(m, u, w)`: `(B, H)`, `(B, H)`, `(B, H, D)`.
+        mask: optional boolean tensor `(batch_size, timesteps)`, True for a real token.
+
+    Returns:
+        A tuple `(outputs, final_state)`: outputs `(B, T, H, D)`; `final_state = (m, u, w)` with
+        `m` the largest score seen, `u = Σ exp(s_i - m)`, `w = Σ exp(s_i - m) v_i`; a row that saw
+        nothing returns its initial state (zeros when none was given).
+    """
+    scores = ops.convert_to_tensor(scores)
+    values = ops.convert_to_tensor(values)
+    dtype = backend.standardize_dtype(scores.dtype)
+    neg = float(np.finfo(dtype).min)
+    b, t, h = scores.shape
+    d = values.shape[-1]
+    if mask is None:
+        mask = np.ones((b, t), dtype=bool)
+    mask = ops.cast(ops.convert_to_tensor(mask), "bool")
+    if initial_state is None:
+        initial_state = (
+            np.zeros((b, h), dtype),
+            np.zeros((b, h), dtype),
+            np.zeros((b, h, d), dtype),
+        )
+    m0, u0, w0 = (ops.cast(ops.convert_to_tensor(x), dtype) for x in initial_state)
+
+    # The initial state as one extra key at position -1, visible from every query position.
+    has_start = u0 > 0  # (B, H)
+    safe_u0 = ops.where(has_start, u0, 1.0)
+    start_score = ops.where(has_start, m0 + ops.log(safe_u0), neg)
+    start_value = w0 / safe_u0[..., None]
+    keys = ops.concatenate([start_score[:, None], scores], axis=1)  # (B, 1+T, H)
+    vals = ops.concatenate([start_value[:, None], values], axis=1)  # (B, 1+T, H, D)
+
+    positions = np.arange(t + 1)
+    # causal[k, i]: query position k (0..T-1) sees key i (0 = the start key, i = token i-1).
+    causal = positions[None, :] <= (positions[:t, None] + 1)  # (T, 1+T)
+    key_ok = ops.concatenate([has_start[:, None, :], ops.repeat(mask[:, :, None], h, axis=2)], 1)
+    visible = ops.logical_and(causal[None, :, :, None], key_ok[:, None, :, :])  # (B, T, 1+T, H)
+
+    logits = ops.where(visible, keys[:, None, :, :], neg)
+    row_max = ops.max(logits, axis=2, keepdims=True)
+    weights = ops.where(visible, ops.exp(logits - row_max), 0.0)
+    denom = ops.sum(weights, axis=2)  # (B, T, H)
+    numer = ops.einsum("bkih,bihd->bkhd", weights, vals)
+    outputs = numer / ops.where(denom > 0, denom, 1.0)[..., None]
+
+    # The final state from the last query row, in the (m, u, w) form with m the true running max.
+    last_visible = visible[:, -1]  # (B, 1+T, H)
+    start_m = ops.where(has_start, m0, neg)
+    raw = ops.concatenate([start_m[:, None], scores], axis=1)
+    m = ops.max(ops.where(last_visible, raw, neg), axis=1)  # (B, H)
+    scale = ops.where(last_visible, ops.exp(raw - m[:, None]), 0.0)
+    u_parts = ops.concatenate([u0[:, None], ops.ones_like(scores)], axis=1)
+    w_parts = ops.concatenate([w0[:, None], values], axis=1)
+    u = ops.sum(scale * u_parts, axis=1)
+    w = ops.sum(scale[..., None] * w_parts, axis=1)
+    seen = u > 0
+    final = (
+        ops.where(seen, m, m0),
+        ops.where(seen, u, u0),
+        ops.where(seen[..., None], w, w0),
+    )
+    return outputs, final

@@ -1,0 +1,380 @@
+"""Aaren's prefix reduction: the ⊕ operator, one recurrent step, and the scans.
+
+Aaren (Feng et al., "Attention as an RNN", arXiv 2405.13956) attends with one learned query per
+head, so its output at token k is a softmax-weighted mean of the values seen so far:
+
+$$o_k = \\frac{\\sum_{i \\le k} e^{s_i} v_i}{\\sum_{i \\le k} e^{s_i}}$$
+
+The state after a prefix is the triple $(m, u, w)$: the running maximum $m$ of the scores, the
+sum $u = \\sum e^{s_i - m}$ and the weighted sum $w = \\sum e^{s_i - m} v_i$, and $o = w / u$.
+A state with $u = 0$ has seen nothing; that includes the all-zero state that
+`keras.layers.RNN.reset_state()` writes. Every function here treats it as the identity, and
+reads it out as the output 0.
+
+Shape letters used in this module: B batch, T timesteps, H heads, D value dimension,
+N chunks, C chunk length, L length of the axis a helper reduces over.
+"""
+
+import numpy as np
+from keras import backend, ops
+
+METHODS = ("auto", "sequential", "associative", "chunked")
+DEFAULT_CHUNK_SIZE = 64
+
+
+def scan_dtype(dtype):
+    """The dtype the scan runs in: float64 stays float64, everything else runs in float32."""
+    return "float64" if backend.standardize_dtype(dtype) == "float64" else "float32"
+
+
+def _neg(dtype):
+    # The identity's running max: a finite "minus infinity", because -inf - (-inf) is NaN.
+    return float(np.finfo(backend.standardize_dtype(dtype)).min)
+
+
+def identity_state(batch_size, num_heads, value_dim, dtype="float32"):
+    """The state of "nothing seen yet": `(m, u, w)` = (dtype minimum, 0, 0).
+
+    Args:
+        batch_size: int, the batch size B.
+        num_heads: int, the number of heads H.
+        value_dim: int, the value dimension D.
+        dtype: the float dtype of the state.
+
+    Returns:
+        A tuple `(m, u, w)` of shapes `(B, H)`, `(B, H)`, `(B, H, D)`.
+    """
+    m = ops.full((batch_size, num_heads), _neg(dtype), dtype=dtype)
+    u = ops.zeros((batch_size, num_heads), dtype=dtype)
+    w = ops.zeros((batch_size, num_heads, value_dim), dtype=dtype)
+    return m, u, w
+
+
+def _empty_as_identity(m, u):
+    # An empty state (u == 0) may carry any m (the all-zero state carries 0); replace it with the
+    # identity's so that it cannot win the running max and scale a real token's weight to zero.
+    return ops.where(u > 0, m, _neg(m.dtype))
+
+
+def aaren_combine(state_a, state_b):
+    """The associative operator ⊕ of the paper: the state of prefix A followed by segment B.
+
+    $$(m_A, u_A, w_A) \\oplus (m_B, u_B, w_B) = (m,\\; u_A e^{m_A - m} + u_B e^{m_B - m},\\;
+    w_A e^{m_A - m} + w_B e^{m_B - m}), \\qquad m = \\max(m_A, m_B)$$
+
+    Empty states (`u == 0`, whatever their `m`) act as the identity. The running max carries no
+    gradient: the readout `w / u` does not depend on it.
+
+    Args:
+        state_a: tuple `(m, u, w)` with shapes `(..., H)`, `(..., H)`, `(..., H, D)`.
+        state_b: tuple of the same structure, broadcastable against `state_a`.
+
+    Returns:
+        The combined state `(m, u, w)`.
+    """
+    m_a, u_a, w_a = state_a
+    m_b, u_b, w_b = state_b
+    m_a = _empty_as_identity(m_a, u_a)
+    m_b = _empty_as_identity(m_b, u_b)
+    m = ops.stop_gradient(ops.maximum(m_a, m_b))
+    scale_a = ops.exp(m_a - m)
+    scale_b = ops.exp(m_b - m)
+    u = u_a * scale_a + u_b * scale_b
+    w = w_a * scale_a[..., None] + w_b * scale_b[..., None]
+    return m, u, w
+
+
+def readout(state):
+    """The output `w / u` of a state, and 0 for a state that has seen nothing.
+
+    Args:
+        state: tuple `(m, u, w)` with shapes `(..., H)`, `(..., H)`, `(..., H, D)`.
+
+    Returns:
+        Tensor of shape `(..., H, D)`.
+    """
+    _, u, w = state
+    seen = (u > 0)[..., None]
+    # Divide by 1 where u == 0, so that neither the value nor its gradient is NaN there.
+    safe_u = ops.where(u > 0, u, ops.ones_like(u))[..., None]
+    return ops.where(seen, w / safe_u, ops.zeros_like(w))
+
+
+def aaren_step(state, score, value):
+    """One token of the Aaren recurrence, the RNN view of the paper.
+
+    $$m' = \\max(m, s), \\quad u' = u\\,e^{m - m'} + e^{s - m'}, \\quad
+    w' = w\\,e^{m - m'} + v\\,e^{s - m'}, \\quad o = w' / u'$$
+
+    Args:
+        state: tuple `(m, u, w)` of shapes `(B, H)`, `(B, H)`, `(B, H, D)`; `u == 0` means
+            nothing seen (the all-zero state included).
+        score: tensor of shape `(B, H)`, the token's score $s = q \\cdot k / \\sqrt{d_k}$.
+        value: tensor of shape `(B, H, D)`, the token's value $v$.
+
+    Returns:
+        A tuple `(output, new_state)`: `output` of shape `(B, H, D)` in the dtype of `value`,
+        `new_state` in the scan dtype (float32, or float64 for float64 inputs).
+    """
+    out_dtype = value.dtype
+    dtype = scan_dtype(value.dtype)
+    m, u, w = (ops.cast(t, dtype) for t in state)
+    score = ops.cast(score, dtype)
+    value = ops.cast(value, dtype)
+    m = _empty_as_identity(m, u)
+    m_new = ops.stop_gradient(ops.maximum(m, score))
+    scale_old = ops.exp(m - m_new)
+    scale_new = ops.exp(score - m_new)
+    u_new = u * scale_old + scale_new
+    w_new = w * scale_old[..., None] + value * scale_new[..., None]
+    output = w_new / u_new[..., None]
+    return ops.cast(output, out_dtype), (m_new, u_new, w_new)
+
+
+def _check_rank(name, x, rank, layout):
+    if len(x.shape) != rank:
+        raise ValueError(
+            f"`{name}` must have rank {rank} with shape {layout}. "
+            f"Received: {name}.shape={tuple(x.shape)}"
+        )
+
+
+def _check_dims(name, got, expected, layout):
+    for g, e in zip(got, expected):
+        if g is not None and e is not None and g != e:
+            raise ValueError(
+                f"`{name}` must have shape {layout} = {tuple(expected)}. "
+                f"Received: {name}.shape={tuple(got)}"
+            )
+
+
+def _validate(scores, values, initial_state, mask, method, chunk_size):
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(
+            f"`chunk_size` must be a positive integer. Received: chunk_size={chunk_size!r}"
+        )
+    _check_rank("scores", scores, 3, "(batch_size, timesteps, num_heads)")
+    _check_rank("values", values, 4, "(batch_size, timesteps, num_heads, value_dim)")
+    b, t, h = scores.shape
+    d = values.shape[-1]
+    _check_dims("values", values.shape[:3], (b, t, h), "(batch_size, timesteps, num_heads)[:3]")
+    if mask is not None:
+        _check_rank("mask", mask, 2, "(batch_size, timesteps)")
+        _check_dims("mask", mask.shape, (b, t), "(batch_size, timesteps)")
+    if initial_state is not None:
+        if not isinstance(initial_state, (list, tuple)) or len(initial_state) != 3:
+            raise ValueError(
+                "`initial_state` must be a tuple (m, u, w). "
+                f"Received: initial_state={initial_state!r}"
+            )
+        for name, x, shape in zip(("m", "u", "w"), initial_state, ((b, h), (b, h), (b, h, d))):
+            _check_rank(f"initial_state.{name}", x, len(shape), str(shape))
+            _check_dims(f"initial_state.{name}", x.shape, shape, str(shape))
+
+
+def _token_leaves(scores, values, mask):
+    # Leaves (s, 1, v) for real tokens and the identity (min, 0, 0) for masked ones.
+    neg = _neg(scores.dtype)
+    if mask is None:
+        return scores, ops.ones_like(scores), values
+    keep = mask[:, :, None]
+    m = ops.where(keep, scores, neg)
+    u = ops.cast(keep, scores.dtype) * ops.ones_like(scores)
+    w = ops.where(keep[..., None], values, ops.zeros_like(values))
+    return m, u, w
+
+
+def _scan_sequential(scores, values, state, mask):
+    if mask is None:
+        mask = ops.ones(ops.shape(scores)[:2], dtype="bool")
+
+    def step(carry, xs):
+        score, value, keep = xs
+        _, new = aaren_step(carry, score, value)
+        carry = tuple(
+            ops.where(ops.reshape(keep, (-1,) + (1,) * (len(c.shape) - 1)), n, c)
+            for n, c in zip(new, carry)
+        )
+        # keras.ops.scan on TensorFlow wants the per-step output shaped like the carry, so emit
+        # the state and read all of them out after the loop.
+        return carry, carry
+
+    xs = (
+        ops.moveaxis(scores, 1, 0),
+        ops.moveaxis(values, 1, 0),
+        ops.moveaxis(mask, 1, 0),
+    )
+    final, states = ops.scan(step, state, xs)
+    outputs = readout(states)  # (T, B, H, D)
+    return ops.moveaxis(outputs, 0, 1), final
+
+
+def _scan_associative(scores, values, state, mask):
+    leaves = _token_leaves(scores, values, mask)
+    prefix = ops.associative_scan(aaren_combine, leaves, axis=1)
+    total = aaren_combine(tuple(x[:, None] for x in state), prefix)
+    final = tuple(x[:, -1] for x in total)
+    return readout(total), final
+
+
+def _dense_prefix(m, u, w):
+    """Inclusive prefix states of leaves along axis 1, as one masked (L × L) product.
+
+    Row k keeps its own running max over leaves i <= k, so every exponent is <= 0 and the row's
+    largest term is exactly 1: no overflow, and no prefix underflows to 0/0.
+    m, u: (B, L, H); w: (B, L, H, D). Returns the same shapes.
+    """
+    neg = _neg(m.dtype)
+    length = ops.shape(m)[1]
+    idx = ops.arange(length)
+    causal = (idx[:, None] >= idx[None, :])[None, :, :, None]  # (1, L, L, 1)
+    logits = ops.where(causal, m[:, None, :, :], neg)  # (B, L, L, H)
+    m_prefix = ops.stop_gradient(ops.max(logits, axis=2))  # (B, L, H)
+    # A leaf (m_i, u_i, w_i) adds u_i e^(m_i - M_k) to u and w_i e^(m_i - M_k) to w: w_i already
+    # carries its own weights.
+    scale = ops.where(causal, ops.exp(logits - m_prefix[:, :, None, :]), 0.0)  # (B, L, L, H)
+    u_prefix = ops.sum(scale * u[:, None, :, :], axis=2)
+    w_prefix = ops.einsum("bkih,bihd->bkhd", scale, w)
+    return m_prefix, u_prefix, w_prefix
+
+
+def _blocked_prefix(m, u, w, chunk_size):
+    """Inclusive prefix states along axis 1 in chunks: a dense product inside each chunk, then a
+    prefix over the chunk summaries (recursively, while the length is static), then one ⊕.
+    """
+    length = m.shape[1]
+    if length is not None and length <= chunk_size:
+        return _dense_prefix(m, u, w)
+    b, t, h = ops.shape(m)
+    d = w.shape[-1]
+    pad = (-t) % chunk_size
+    neg = _neg(m.dtype)
+    m = ops.pad(m, ((0, 0), (0, pad), (0, 0)), constant_values=neg)
+    u = ops.pad(u, ((0, 0), (0, pad), (0, 0)))
+    w = ops.pad(w, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    n = (t + pad) // chunk_size
+    if length is not None:
+        n = (length + (-length) % chunk_size) // chunk_size
+    flat = (b * n, chunk_size, h)
+    local = _dense_prefix(
+        ops.reshape(m, flat), ops.reshape(u, flat), ops.reshape(w, flat + (d,))
+    )
+    m_loc, u_loc, w_loc = (
+        ops.reshape(x, (b, n, chunk_size) + tuple(x.shape[2:])) for x in local
+    )
+    # Each chunk starts from the state of all chunks before it: shift the chunk summaries right
+    # by one, with the identity in front, and take their inclusive prefix.
+    summary = (m_loc[:, :-1, -1], u_loc[:, :-1, -1], w_loc[:, :-1, -1])
+    first = identity_state(b, h, d, m.dtype)
+    carry_leaves = tuple(
+        ops.concatenate([f[:, None], s], axis=1) for f, s in zip(first, summary)
+    )
+    if isinstance(n, int):
+        carry = _blocked_prefix(*carry_leaves, chunk_size)
+    else:
+        carry = _dense_prefix(*carry_leaves)
+    total = aaren_combine(tuple(c[:, :, None] for c in carry), (m_loc, u_loc, w_loc))
+    m_tot, u_tot, w_tot = (
+        ops.reshape(x, (b, n * chunk_size) + tuple(x.shape[3:])) for x in total
+    )
+    return m_tot[:, :t], u_tot[:, :t], w_tot[:, :t]
+
+
+def _scan_chunked(scores, values, state, mask, chunk_size):
+    prefix = _blocked_prefix(*_token_leaves(scores, values, mask), chunk_size)
+    total = aaren_combine(tuple(x[:, None] for x in state), prefix)
+    final = tuple(x[:, -1] for x in total)
+    return readout(total), final
+
+
+def aaren_scan(
+    scores,
+    values,
+    initial_state=None,
+    mask=None,
+    method="auto",
+    chunk_size=DEFAULT_CHUNK_SIZE,
+):
+    """Aaren over a whole sequence: every prefix's attention output and the final state.
+
+    The many-to-many attention of one query token (Feng et al., arXiv 2405.13956, eq. 3–5):
+
+    $$o_k = \\frac{\\hat w_0 + \\sum_{i \\le k} e^{s_i - M_k} v_i}
+                  {\\hat u_0 + \\sum_{i \\le k} e^{s_i - M_k}}$$
+
+    where $(m_0, u_0, w_0)$ is `initial_state` and $\\hat u_0 = u_0 e^{m_0 - M_k}$,
+    $\\hat w_0 = w_0 e^{m_0 - M_k}$, $M_k$ the running max. Masked tokens are identity elements:
+    they change neither the state nor the output, which stays that of the last real token (0 before
+    any). All methods agree to float rounding for any scores, including ramps that span thousands
+    of units.
+
+    Args:
+        scores: tensor `(batch_size, timesteps, num_heads)`, the scores $s_i = q \\cdot k_i /
+            \\sqrt{d_k}$.
+        values: tensor `(batch_size, timesteps, num_heads, value_dim)`, the values $v_i$.
+        initial_state: optional tuple `(m, u, w)` of shapes `(batch_size, num_heads)`,
+            `(batch_size, num_heads)`, `(batch_size, num_heads, value_dim)`. Defaults to the empty
+            state; `u == 0` means empty whatever `m` is.
+        mask: optional boolean tensor `(batch_size, timesteps)`, True for a real token.
+        method: `"sequential"` (the recurrence, one token at a time), `"associative"` (the paper's
+            parallel prefix scan with ⊕, `keras.ops.associative_scan`), `"chunked"` (a masked
+            matrix product inside chunks of `chunk_size` with a per-row running max, and a prefix
+            over the chunk summaries; no loop, so it compiles under XLA) or `"auto"` (currently
+            `"chunked"` on every backend).
+        chunk_size: int, the chunk length of `"chunked"`.
+
+    Returns:
+        A tuple `(outputs, final_state)`: `outputs` of shape `(batch_size, timesteps, num_heads,
+        value_dim)` in the dtype of `values`, and `final_state = (m, u, w)` in the scan dtype
+        (float32; float64 for float64 inputs). A row that saw no real token returns its initial
+        state unchanged.
+
+    Raises:
+        ValueError: for a `method` that does not exist, a non-positive `chunk_size`, or tensors
+            whose ranks or shapes do not match.
+
+    Example:
+
+    >>> import numpy as np
+    >>> scores = np.random.randn(2, 5, 3).astype("float32")
+    >>> values = np.random.randn(2, 5, 3, 4).astype("float32")
+    >>> outputs, (m, u, w) = aaren_scan(scores, values)
+    >>> tuple(outputs.shape), tuple(w.shape)
+    ((2, 5, 3, 4), (2, 3, 4))
+    """
+    scores = ops.convert_to_tensor(scores)
+    values = ops.convert_to_tensor(values)
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+    _validate(scores, values, initial_state, mask, method, chunk_size)
+    if mask is not None:
+        mask = ops.cast(mask, "bool")
+    out_dtype = values.dtype
+    dtype = scan_dtype(values.dtype)
+    scores = ops.cast(scores, dtype)
+    values = ops.cast(values, dtype)
+    b, _, h = ops.shape(scores)
+    d = values.shape[-1]
+    if initial_state is None:
+        start = tuple(ops.zeros_like(x) for x in identity_state(b, h, d, dtype))
+    else:
+        start = tuple(ops.cast(ops.convert_to_tensor(x), dtype) for x in initial_state)
+
+    if method == "sequential":
+        outputs, final = _scan_sequential(scores, values, start, mask)
+    elif method == "associative":
+        outputs, final = _scan_associative(scores, values, start, mask)
+    else:
+        outputs, final = _scan_chunked(scores, values, start, mask, chunk_size)
+
+    # A row that saw nothing keeps the state it started from, exactly as an RNN that skips its
+    # masked steps does.
+    seen = final[1] > 0
+    final = (
+        ops.where(seen, final[0], start[0]),
+        ops.where(seen, final[1], start[1]),
+        ops.where(seen[..., None], final[2], start[2]),
+    )
+    return ops.cast(outputs, out_dtype), final
