@@ -1,0 +1,487 @@
+"""Aaren as Keras layers: the recurrent cell and the parallel sequence layer, one set of weights.
+
+Shape letters used in this module: B batch, T timesteps, F input features, H heads,
+K key dimension, D value dimension, O output features.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_aaren.ops import METHODS, aaren_scan, aaren_step
+
+_INITIALIZERS = ("kernel_initializer", "bias_initializer", "query_initializer")
+_REGULARIZERS = ("kernel_regularizer", "bias_regularizer", "query_regularizer")
+_CONSTRAINTS = ("kernel_constraint", "bias_constraint", "query_constraint")
+
+
+def _check_positive_int(name, value, allow_none=False):
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        expected = "a positive integer or None" if allow_none else "a positive integer"
+        raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
+
+
+def _check_float(layer, inputs):
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
+    if "float" not in dtype:
+        raise ValueError(
+            f"Layer '{layer.name}' expects floating-point `inputs`; cast or embed integer data "
+            f"first (e.g. with keras.layers.Embedding). Received: inputs.dtype={dtype}"
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_aaren")
+class AarenCell(keras.layers.Layer):
+    """Cell for the Aaren layer (Feng et al., "Attention as an RNN", arXiv 2405.13956).
+
+    The cell processes one token at a time with a state of constant size, so a model trained with
+    the parallel `Aaren` layer can serve a stream token by token with the very same weights:
+    wrap it in `keras.layers.RNN` (with `stateful=True` for streaming, `return_state=True` to carry
+    the state yourself) or stack it with other cells in `keras.layers.StackedRNNCells`.
+
+    Each head attends with a learned query $q$ that does not depend on the input, so its output
+    after token $t$ is a softmax-weighted mean of the values seen so far, updated in O(1):
+
+    $$s_t = \\frac{q \\cdot k_t}{\\sqrt{d_k}}, \\quad k_t = x_t W_k + b_k, \\quad
+    v_t = x_t W_v + b_v, \\quad q = \\bar q W_q + b_q$$
+
+    $$m_t = \\max(m_{t-1}, s_t), \\quad u_t = u_{t-1} e^{m_{t-1} - m_t} + e^{s_t - m_t}, \\quad
+    w_t = w_{t-1} e^{m_{t-1} - m_t} + v_t e^{s_t - m_t}$$
+
+    $$y_t = \\operatorname{concat}_h(w_t / u_t)\\, W_o + b_o$$
+
+    Code names: `query` is the learned token $\\bar q$ (one vector of the input width, projected to
+    one query per head by `query_kernel` $W_q$, as in the paper, so that the parameter count is
+    that of `keras.layers.MultiHeadAttention` plus $\\bar q$); `key_kernel` $W_k$,
+    `value_kernel` $W_v$, `output_kernel` $W_o$. The states are `[m, u, w]` flattened to
+    `(batch_size, num_heads)`, `(batch_size, num_heads)`, `(batch_size, num_heads * value_dim)`;
+    the all-zero state means "nothing seen yet".
+
+    Args:
+        num_heads: int, number of attention heads, each with its own learned query.
+        key_dim: int, size of each head's query and key.
+        value_dim: int, size of each head's value; defaults to `key_dim`.
+        output_dim: int, width of the output; defaults to the width of the input.
+        use_bias: bool, whether the projections use bias vectors.
+        kernel_initializer: initializer of the projection kernels.
+        bias_initializer: initializer of the projection biases.
+        query_initializer: initializer of the learned query token; `None` (default) means
+            `RandomNormal(stddev=1.0)`, which gives queries of the scale that
+            `MultiHeadAttention` computes from normalized inputs.
+        kernel_regularizer: regularizer of the projection kernels.
+        bias_regularizer: regularizer of the projection biases.
+        query_regularizer: regularizer of the learned query token.
+        kernel_constraint: constraint of the projection kernels.
+        bias_constraint: constraint of the projection biases.
+        query_constraint: constraint of the learned query token.
+        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: tensor of shape `(batch_size, features)`, one token.
+        states: list `[m, u, w]` of shapes `(batch_size, num_heads)`, `(batch_size, num_heads)`,
+            `(batch_size, num_heads * value_dim)`.
+
+    Returns:
+        A tuple `(output, new_states)`: `output` of shape `(batch_size, output_dim)`, and the
+        new states in the dtype of `states`.
+
+    Raises:
+        ValueError: if `num_heads`, `key_dim`, `value_dim` or `output_dim` is not a positive
+            integer, if the input is not of shape `(batch_size, features)` with known
+            `features`, or if the input is not floating-point.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> cell = AarenCell(num_heads=2, key_dim=8)
+    >>> streaming = keras.layers.RNN(cell, return_sequences=True)
+    >>> y = streaming(np.random.rand(4, 10, 16).astype("float32"))
+    >>> tuple(y.shape)
+    (4, 10, 16)
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        value_dim=None,
+        output_dim=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        query_initializer=None,
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        query_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        query_constraint=None,
+        **kwargs,
+    ):
+        _check_positive_int("num_heads", num_heads)
+        _check_positive_int("key_dim", key_dim)
+        _check_positive_int("value_dim", value_dim, allow_none=True)
+        _check_positive_int("output_dim", output_dim, allow_none=True)
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.value_dim = value_dim if value_dim is not None else key_dim
+        self.output_dim = output_dim
+        self.use_bias = use_bias
+        if query_initializer is None:
+            query_initializer = keras.initializers.RandomNormal(stddev=1.0)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.query_initializer = keras.initializers.get(query_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.query_regularizer = keras.regularizers.get(query_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.query_constraint = keras.constraints.get(query_constraint)
+        self.state_size = [num_heads, num_heads, num_heads * self.value_dim]
+        self.input_dim = None
+
+    @property
+    def output_size(self):
+        return self.output_dim if self.output_dim is not None else self.input_dim
+
+    def build(self, input_shape):
+        if len(input_shape) != 2 or input_shape[-1] is None:
+            raise ValueError(
+                f"Layer '{self.name}' expects one token of shape (batch_size, features) with a "
+                f"known `features`. Received: input_shape={tuple(input_shape)}"
+            )
+        self.input_dim = int(input_shape[-1])
+        heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
+        output_dim = self.output_size
+        self.query = self._weight("query", (self.input_dim,), "query")
+        self.query_kernel = self._weight("query_kernel", (self.input_dim, heads, key_dim))
+        self.key_kernel = self._weight("key_kernel", (self.input_dim, heads, key_dim))
+        self.value_kernel = self._weight("value_kernel", (self.input_dim, heads, value_dim))
+        self.output_kernel = self._weight("output_kernel", (heads, value_dim, output_dim))
+        if self.use_bias:
+            self.query_bias = self._weight("query_bias", (heads, key_dim), "bias")
+            self.key_bias = self._weight("key_bias", (heads, key_dim), "bias")
+            self.value_bias = self._weight("value_bias", (heads, value_dim), "bias")
+            self.output_bias = self._weight("output_bias", (output_dim,), "bias")
+        else:
+            self.query_bias = self.key_bias = self.value_bias = self.output_bias = None
+        self.built = True
+
+    def _weight(self, name, shape, kind="kernel"):
+        return self.add_weight(
+            name=name,
+            shape=shape,
+            initializer=getattr(self, f"{kind}_initializer"),
+            regularizer=getattr(self, f"{kind}_regularizer"),
+            constraint=getattr(self, f"{kind}_constraint"),
+        )
+
+    def project(self, inputs):
+        """Scores and values of tokens: `(..., F)` -> `(..., H)` and `(..., H, D)`."""
+        query = ops.einsum("f,fhk->hk", self.query, self.query_kernel)  # (H, K)
+        keys = ops.einsum("...f,fhk->...hk", inputs, self.key_kernel)
+        values = ops.einsum("...f,fhd->...hd", inputs, self.value_kernel)
+        if self.use_bias:
+            query = query + self.query_bias
+            keys = keys + self.key_bias
+            values = values + self.value_bias
+        scores = ops.einsum("...hk,hk->...h", keys, query) / math.sqrt(self.key_dim)
+        return scores, values
+
+    def output_projection(self, attended):
+        """The output of attended values: `(..., H, D)` -> `(..., O)`."""
+        outputs = ops.einsum("...hd,hdo->...o", attended, self.output_kernel)
+        if self.use_bias:
+            outputs = outputs + self.output_bias
+        return outputs
+
+    def unflatten_state(self, states):
+        """`[m, u, w]` with `w` flat `(B, H * D)` -> `(m, u, w)` with `w` of shape `(B, H, D)`."""
+        m, u, w = states
+        return m, u, ops.reshape(w, (-1, self.num_heads, self.value_dim))
+
+    def flatten_state(self, state, dtype):
+        """`(m, u, w)` -> the cell's flat states `[m, u, w]` in `dtype`."""
+        m, u, w = state
+        w = ops.reshape(w, (-1, self.num_heads * self.value_dim))
+        return [ops.cast(x, dtype) for x in (m, u, w)]
+
+    def call(self, inputs, states):
+        _check_float(self, inputs)
+        state = self.unflatten_state(states)
+        scores, values = self.project(inputs)  # (B, H), (B, H, D)
+        attended, new_state = aaren_step(state, scores, values)
+        return self.output_projection(attended), self.flatten_state(new_state, states[0].dtype)
+
+    def get_initial_state(self, batch_size=None):
+        return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]
+
+    def _arg_config(self):
+        config = {
+            "num_heads": self.num_heads,
+            "key_dim": self.key_dim,
+            "value_dim": self.value_dim,
+            "output_dim": self.output_dim,
+            "use_bias": self.use_bias,
+        }
+        for names, serialize in (
+            (_INITIALIZERS, keras.initializers.serialize),
+            (_REGULARIZERS, keras.regularizers.serialize),
+            (_CONSTRAINTS, keras.constraints.serialize),
+        ):
+            for name in names:
+                config[name] = serialize(getattr(self, name))
+        return config
+
+    def get_config(self):
+        return {**super().get_config(), **self._arg_config()}
+
+
+def _cell_attribute(name):
+    return property(lambda self: getattr(self.cell, name), doc=f"The cell's `{name}`.")
+
+
+@keras.saving.register_keras_serializable(package="keras_aaren")
+class Aaren(keras.layers.RNN):
+    """Aaren layer: attention computed as an RNN, in parallel (Feng et al., arXiv 2405.13956).
+
+    Use it where you would use `keras.layers.LSTM` or causal `keras.layers.MultiHeadAttention`
+    over a sequence: it trains in parallel over the whole sequence like attention (a prefix scan,
+    no step loop), and serves one token at a time in constant memory like an RNN, because its
+    weights are those of its `AarenCell`: `keras.layers.RNN(layer.cell)` steps the very same
+    weights, and a stateful `Aaren` fed a sequence in chunks gives the one-shot output.
+
+    Each head attends causally with a learned, input-independent query $q$:
+
+    $$o_k = \\sum_{i \\le k} \\frac{e^{s_i}}{\\sum_{j \\le k} e^{s_j}} v_i, \\qquad
+    s_i = \\frac{q \\cdot k_i}{\\sqrt{d_k}}, \\qquad y_k = \\operatorname{concat}_h(o_k) W_o + b_o$$
+
+    computed for all $k$ at once with the associative operator of the paper on states
+    $(m, u, w)$ (running max, sum of weights, weighted sum of values):
+
+    $$(m_A, u_A, w_A) \\oplus (m_B, u_B, w_B) = (m,\\; u_A e^{m_A - m} + u_B e^{m_B - m},\\;
+    w_A e^{m_A - m} + w_B e^{m_B - m}), \\qquad m = \\max(m_A, m_B)$$
+
+    starting from the incoming state. The scan runs in float32 under mixed precision.
+    `return_sequences`, `return_state`, `initial_state`, `stateful`, `go_backwards`,
+    `zero_output_for_mask` and masking behave exactly as they do for `keras.layers.RNN`.
+
+    Args:
+        num_heads: int, number of attention heads, each with its own learned query.
+        key_dim: int, size of each head's query and key.
+        value_dim: int, size of each head's value; defaults to `key_dim`.
+        output_dim: int, width of the output; defaults to the width of the input.
+        use_bias: bool, whether the projections use bias vectors.
+        kernel_initializer: initializer of the projection kernels.
+        bias_initializer: initializer of the projection biases.
+        query_initializer: initializer of the learned query token; `None` (default) means
+            `RandomNormal(stddev=1.0)`.
+        kernel_regularizer: regularizer of the projection kernels.
+        bias_regularizer: regularizer of the projection biases.
+        query_regularizer: regularizer of the learned query token.
+        kernel_constraint: constraint of the projection kernels.
+        bias_constraint: constraint of the projection biases.
+        query_constraint: constraint of the learned query token.
+        method: how the sequence is computed: `"auto"` (the fastest exact scan for the backend),
+            `"chunked"`, `"associative"` (the paper's parallel prefix scan), or `"sequential"`
+            (the `keras.layers.RNN` step loop over the cell). See `keras_aaren.ops.aaren_scan`.
+        return_sequences: bool, return the output at every timestep, or only the last.
+        return_state: bool, also return the final states `[m, u, w]`.
+        go_backwards: bool, process the sequence backwards and return the reversed sequence.
+        stateful: bool, the final states of a batch are the initial states of the next one.
+        unroll: bool, unroll the step loop; used only by `method="sequential"`.
+        zero_output_for_mask: bool, output zeros at masked timesteps instead of the previous
+            output (only with `return_sequences=True`, as in `keras.layers.RNN`).
+        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        sequences: tensor of shape `(batch_size, timesteps, features)`.
+        initial_state: optional list `[m, u, w]` of shapes `(batch_size, num_heads)`,
+            `(batch_size, num_heads)`, `(batch_size, num_heads * value_dim)`, e.g. the states
+            returned by a previous call with `return_state=True`.
+        mask: optional boolean tensor `(batch_size, timesteps)`, True for a real token; masked
+            tokens change neither the state nor the output.
+        training: bool, training or inference mode.
+
+    Returns:
+        `(batch_size, timesteps, output_dim)` if `return_sequences`, else
+        `(batch_size, output_dim)`; with `return_state`, followed by the three final states.
+
+    Raises:
+        ValueError: for a non-positive `num_heads`, `key_dim`, `value_dim` or `output_dim`, an
+            unknown `method`, an input that is not `(batch_size, timesteps, features)` with known
+            `features`, integer inputs, or a `mask` or `initial_state` whose shape does not match.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> x = np.random.rand(4, 10, 16).astype("float32")
+    >>> layer = Aaren(num_heads=2, key_dim=8, return_sequences=True)
+    >>> parallel = layer(x)
+    >>> stepped = keras.layers.RNN(layer.cell, return_sequences=True)(x)
+    >>> bool(np.allclose(parallel, stepped, atol=1e-5))
+    True
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        value_dim=None,
+        output_dim=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        query_initializer=None,
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        query_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        query_constraint=None,
+        method="auto",
+        return_sequences=False,
+        return_state=False,
+        go_backwards=False,
+        stateful=False,
+        unroll=False,
+        zero_output_for_mask=False,
+        **kwargs,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
+        cell = AarenCell(
+            num_heads,
+            key_dim,
+            value_dim=value_dim,
+            output_dim=output_dim,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            query_initializer=query_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            query_regularizer=query_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            query_constraint=query_constraint,
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+            name="aaren_cell",
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=unroll,
+            zero_output_for_mask=zero_output_for_mask,
+            **kwargs,
+        )
+        self.method = method
+        self.supports_masking = True
+
+    num_heads = _cell_attribute("num_heads")
+    key_dim = _cell_attribute("key_dim")
+    value_dim = _cell_attribute("value_dim")
+    output_dim = _cell_attribute("output_dim")
+    use_bias = _cell_attribute("use_bias")
+    kernel_initializer = _cell_attribute("kernel_initializer")
+    bias_initializer = _cell_attribute("bias_initializer")
+    query_initializer = _cell_attribute("query_initializer")
+    kernel_regularizer = _cell_attribute("kernel_regularizer")
+    bias_regularizer = _cell_attribute("bias_regularizer")
+    query_regularizer = _cell_attribute("query_regularizer")
+    kernel_constraint = _cell_attribute("kernel_constraint")
+    bias_constraint = _cell_attribute("bias_constraint")
+    query_constraint = _cell_attribute("query_constraint")
+
+    def build(self, sequences_shape, initial_state_shape=None):
+        if len(sequences_shape) != 3 or sequences_shape[-1] is None:
+            raise ValueError(
+                f"Layer '{self.name}' expects `sequences` of shape "
+                "(batch_size, timesteps, features) with a known `features`. "
+                f"Received: sequences.shape={tuple(sequences_shape)}"
+            )
+        super().build(sequences_shape, initial_state_shape)
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        _check_float(self, sequences)
+        batch, steps = sequences.shape[0], sequences.shape[1]
+        if mask is not None:
+            mask_shape = tuple(mask.shape)
+            if len(mask_shape) != 2 or any(
+                got is not None and want is not None and got != want
+                for got, want in zip(mask_shape, (batch, steps))
+            ):
+                raise ValueError(
+                    f"Layer '{self.name}' expects `mask` of shape (batch_size, timesteps) = "
+                    f"{(batch, steps)}. Received: mask.shape={mask_shape}"
+                )
+        if initial_state is not None:
+            states = initial_state if isinstance(initial_state, (list, tuple)) else [initial_state]
+            shapes = [tuple(s.shape) for s in states]
+            expected = [(batch, size) for size in self.cell.state_size]
+            if len(shapes) != len(expected) or any(
+                len(got) != 2
+                or any(g is not None and w is not None and g != w for g, w in zip(got, want))
+                for got, want in zip(shapes, expected)
+            ):
+                raise ValueError(
+                    f"Layer '{self.name}' expects `initial_state` as [m, u, w] of shapes "
+                    f"{expected}. Received: shapes {shapes}"
+                )
+        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if self.method == "sequential":
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        if mask is not None:
+            mask = ops.cast(mask, "bool")
+        if self.go_backwards:
+            sequences = ops.flip(sequences, axis=1)
+            mask = None if mask is None else ops.flip(mask, axis=1)
+        scores, values = self.cell.project(sequences)  # (B, T, H), (B, T, H, D)
+        attended, final = aaren_scan(
+            scores,
+            values,
+            initial_state=self.cell.unflatten_state(initial_state),
+            mask=mask,
+            method=self.method,
+        )
+        states = self.cell.flatten_state(final, initial_state[0].dtype)
+        # keras.layers.RNN outputs, at a masked step, the previous step's output (0 before the
+        # first real token of the call), or 0 with zero_output_for_mask. The attended value at a
+        # masked step already equals the previous one; only the steps before the first real
+        # token need zeroing, because the output projection would turn 0 into its bias.
+        if self.return_sequences:
+            outputs = self.cell.output_projection(attended)  # (B, T, O)
+            if mask is not None:
+                if self.zero_output_for_mask:
+                    keep = mask
+                else:
+                    keep = ops.cumsum(ops.cast(mask, "int32"), axis=1) > 0
+                outputs = ops.where(keep[..., None], outputs, ops.zeros_like(outputs))
+            return outputs[:, -1], outputs, states
+        last = self.cell.output_projection(attended[:, -1])  # (B, O)
+        if mask is not None:
+            keep = mask[:, -1] if self.zero_output_for_mask else ops.any(mask, axis=1)
+            last = ops.where(keep[:, None], last, ops.zeros_like(last))
+        return last, last[:, None], states
+
+    def get_config(self):
+        config = super().get_config()
+        del config["cell"]
+        return {**config, **self.cell._arg_config(), "method": self.method}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
