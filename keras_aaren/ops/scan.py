@@ -140,10 +140,11 @@ def _check_rank(name, x, rank, layout):
 
 
 def _check_dims(name, got, expected, layout):
+    # Compares the leading dims of `got` with `expected`; None (unknown) matches anything.
     for g, e in zip(got, expected):
         if g is not None and e is not None and g != e:
             raise ValueError(
-                f"`{name}` must have shape {layout} = {tuple(expected)}. "
+                f"`{name}` must have shape {layout} with leading dims {tuple(expected)}. "
                 f"Received: {name}.shape={tuple(got)}"
             )
 
@@ -159,7 +160,7 @@ def _validate(scores, values, initial_state, mask, method, chunk_size):
     _check_rank("values", values, 4, "(batch_size, timesteps, num_heads, value_dim)")
     b, t, h = scores.shape
     d = values.shape[-1]
-    _check_dims("values", values.shape[:3], (b, t, h), "(batch_size, timesteps, num_heads)[:3]")
+    _check_dims("values", values.shape, (b, t, h), "(batch_size, timesteps, num_heads, value_dim)")
     if mask is not None:
         _check_rank("mask", mask, 2, "(batch_size, timesteps)")
         _check_dims("mask", mask.shape, (b, t), "(batch_size, timesteps)")

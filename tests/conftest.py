@@ -1,0 +1,27 @@
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # Equivalence tests compare to ~1e-5; TF32 matmuls on GPUs would round to ~1e-3.
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+    elif keras.backend.backend() == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    yield
+    keras.config.set_dtype_policy("float32")
+    keras.utils.clear_session()

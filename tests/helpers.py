@@ -1,0 +1,37 @@
+"""Small test helpers: backend-neutral gradients, numpy conversion, and RNG data."""
+
+import keras
+import numpy as np
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def gradients(fn, inputs):
+    """Gradients of the scalar `fn(*inputs)` with respect to each input array."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.convert_to_tensor(x) for x in inputs]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            loss = fn(*tensors)
+        return [to_numpy(g) for g in tape.gradient(loss, tensors)]
+    if backend == "jax":
+        import jax
+
+        return [np.asarray(g) for g in jax.grad(fn, argnums=tuple(range(len(inputs))))(*inputs)]
+    if backend == "torch":
+        import torch
+
+        tensors = [torch.tensor(x, requires_grad=True) for x in inputs]
+        fn(*tensors).backward()
+        return [t.grad.numpy() for t in tensors]
+    raise NotImplementedError(f"no gradient helper for backend {backend}")
+
+
+def assert_close(actual, expected, atol=2e-5, rtol=2e-5, what=""):
+    np.testing.assert_allclose(to_numpy(actual), to_numpy(expected), atol=atol, rtol=rtol,
+                               err_msg=what)
