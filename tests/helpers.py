@@ -33,5 +33,6 @@ def gradients(fn, inputs):
 
 
 def assert_close(actual, expected, atol=2e-5, rtol=2e-5, what=""):
-    np.testing.assert_allclose(to_numpy(actual), to_numpy(expected), atol=atol, rtol=rtol,
-                               err_msg=what)
+    np.testing.assert_allclose(
+        to_numpy(actual), to_numpy(expected), atol=atol, rtol=rtol, err_msg=what
+    )

@@ -259,27 +259,19 @@ def _blocked_prefix(m, u, w, chunk_size):
     if length is not None:
         n = (length + (-length) % chunk_size) // chunk_size
     flat = (b * n, chunk_size, h)
-    local = _dense_prefix(
-        ops.reshape(m, flat), ops.reshape(u, flat), ops.reshape(w, flat + (d,))
-    )
-    m_loc, u_loc, w_loc = (
-        ops.reshape(x, (b, n, chunk_size) + tuple(x.shape[2:])) for x in local
-    )
+    local = _dense_prefix(ops.reshape(m, flat), ops.reshape(u, flat), ops.reshape(w, flat + (d,)))
+    m_loc, u_loc, w_loc = (ops.reshape(x, (b, n, chunk_size) + tuple(x.shape[2:])) for x in local)
     # Each chunk starts from the state of all chunks before it: shift the chunk summaries right
     # by one, with the identity in front, and take their inclusive prefix.
     summary = (m_loc[:, :-1, -1], u_loc[:, :-1, -1], w_loc[:, :-1, -1])
     first = identity_state(b, h, d, m.dtype)
-    carry_leaves = tuple(
-        ops.concatenate([f[:, None], s], axis=1) for f, s in zip(first, summary)
-    )
+    carry_leaves = tuple(ops.concatenate([f[:, None], s], axis=1) for f, s in zip(first, summary))
     if isinstance(n, int):
         carry = _blocked_prefix(*carry_leaves, chunk_size)
     else:
         carry = _dense_prefix(*carry_leaves)
     total = aaren_combine(tuple(c[:, :, None] for c in carry), (m_loc, u_loc, w_loc))
-    m_tot, u_tot, w_tot = (
-        ops.reshape(x, (b, n * chunk_size) + tuple(x.shape[3:])) for x in total
-    )
+    m_tot, u_tot, w_tot = (ops.reshape(x, (b, n * chunk_size) + tuple(x.shape[3:])) for x in total)
     return m_tot[:, :t], u_tot[:, :t], w_tot[:, :t]
 
 

@@ -126,11 +126,7 @@ def _loss(method, weights):
         # Only functions of the state that do not depend on how it is normalized: the output
         # w / u and the log-sum-exp m + log u of the scores seen.
         lse = ops.where(u > 0, m + ops.log(ops.where(u > 0, u, 1.0)), 0.0)
-        return (
-            ops.sum(outputs * g_out)
-            + ops.sum(readout(final) * g_final)
-            + ops.sum(lse)
-        )
+        return ops.sum(outputs * g_out) + ops.sum(readout(final) * g_final) + ops.sum(lse)
 
     return loss
 
@@ -281,8 +277,17 @@ def _bad(**changes):
             "initial_state.w",
         ),
     ],
-    ids=["method", "chunk_size", "scores_rank", "values_rank", "values_steps", "mask_shape",
-         "mask_rank", "state_len", "state_w"],
+    ids=[
+        "method",
+        "chunk_size",
+        "scores_rank",
+        "values_rank",
+        "values_steps",
+        "mask_shape",
+        "mask_rank",
+        "state_len",
+        "state_w",
+    ],
 )
 def test_bad_input_raises(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,413 @@
+"""Aaren and AarenCell: the parallel layer against a numpy oracle and against keras.layers.RNN
+stepping the same cell, plus Keras integration (masking, state, saving, training, bad input)."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from helpers import assert_close, gradients, to_numpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keras_aaren import Aaren, AarenCell, reset_states
+from keras_aaren.ops import METHODS, aaren_attention_naive
+
+FEATURES = 6
+
+
+def data(batch, steps, features=FEATURES, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (scale * rng.normal(size=(batch, steps, features))).astype("float32")
+
+
+def make_mask(kind, batch, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, steps), dtype=bool)
+    cut = max(1, steps // 3)
+    if kind == "left":
+        mask[:, :cut] = False
+    elif kind == "right":
+        mask[:, steps - cut :] = False
+    elif kind == "holes":
+        mask = rng.random((batch, steps)) > 0.4
+        mask[0] = False
+    return mask
+
+
+def numpy_oracle(cell, x):
+    """The layer's math from its weights: numpy projections around the naive softmax attention."""
+    w = {
+        name: to_numpy(getattr(cell, name)).astype("float64")
+        for name in (
+            "query",
+            "query_kernel",
+            "query_bias",
+            "key_kernel",
+            "key_bias",
+            "value_kernel",
+            "value_bias",
+            "output_kernel",
+            "output_bias",
+        )
+    }
+    x = x.astype("float64")
+    query = np.einsum("f,fhk->hk", w["query"], w["query_kernel"]) + w["query_bias"]
+    keys = np.einsum("btf,fhk->bthk", x, w["key_kernel"]) + w["key_bias"]
+    values = np.einsum("btf,fhd->bthd", x, w["value_kernel"]) + w["value_bias"]
+    scores = np.einsum("bthk,hk->bth", keys, query) / math.sqrt(cell.key_dim)
+    attended, _ = aaren_attention_naive(scores, values)
+    return np.einsum("bthd,hdo->bto", to_numpy(attended), w["output_kernel"]) + w["output_bias"]
+
+
+@pytest.mark.parametrize("steps", [1, 63, 100], ids=lambda t: f"B3-T{t}-H2-D4")
+@pytest.mark.parametrize("method", METHODS)
+def test_parallel_matches_numpy_oracle(method, steps):
+    x = data(3, steps, scale=3.0)
+    layer = Aaren(2, 4, output_dim=5, method=method, return_sequences=True)
+    assert_close(layer(x), numpy_oracle(layer.cell, x), atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 23], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("mask_kind", [None, "left", "right", "holes"])
+@pytest.mark.parametrize("go_backwards", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("return_sequences", [True, False], ids=["seq", "last"])
+@pytest.mark.parametrize("zero_output_for_mask", [False, True], ids=["carry", "zero"])
+def test_parallel_matches_stepping(
+    zero_output_for_mask, return_sequences, go_backwards, mask_kind, steps
+):
+    x = data(3, steps, seed=steps)
+    mask = None if mask_kind is None else make_mask(mask_kind, 3, steps)
+    options = dict(
+        return_sequences=return_sequences,
+        return_state=True,
+        go_backwards=go_backwards,
+        zero_output_for_mask=zero_output_for_mask,
+    )
+    layer = Aaren(2, 4, **options)
+    parallel = layer(x, mask=mask)
+    stepped = keras.layers.RNN(layer.cell, **options)(x, mask=mask)
+    assert len(parallel) == len(stepped) == 4
+    for name, got, want in zip(["output", "m", "u", "w"], parallel, stepped):
+        assert_close(got, want, what=name)
+
+
+def test_initial_state_carries_over():
+    x = data(2, 30, seed=1)
+    layer = Aaren(3, 4, return_sequences=True, return_state=True)
+    _, *state = layer(x[:, :12])
+    parallel = layer(x[:, 12:], initial_state=state)
+    stepped = keras.layers.RNN(layer.cell, return_sequences=True, return_state=True)(
+        x[:, 12:], initial_state=state
+    )
+    for got, want in zip(parallel, stepped):
+        assert_close(got, want)
+    one_shot = layer(x)
+    assert_close(parallel[0], to_numpy(one_shot[0])[:, 12:])
+    for got, want in zip(parallel[1:], one_shot[1:]):
+        assert_close(got, want)
+
+
+def _stream(layer, x, sizes):
+    outputs, start = [], 0
+    for size in sizes:
+        outputs.append(to_numpy(layer(x[:, start : start + size])))
+        start += size
+    return np.concatenate(outputs, axis=1)
+
+
+@pytest.mark.parametrize("method", ["auto", "associative", "sequential"])
+def test_stateful_chunks_equal_one_shot(method):
+    x = data(2, 100, seed=2)
+    one_shot = Aaren(2, 4, return_sequences=True, method=method)
+    expected = to_numpy(one_shot(x))
+    stateful = Aaren(2, 4, return_sequences=True, stateful=True, method=method)
+    stateful.build((2, None, FEATURES))
+    stateful.set_weights(one_shot.get_weights())
+    assert_close(_stream(stateful, x, [1, 7, 64, 28]), expected)
+
+    # reset_state() starts a new stream: the all-zero state means nothing seen.
+    stateful.reset_state()
+    assert_close(_stream(stateful, x, [50, 50]), expected)
+
+
+@settings(max_examples=8, deadline=None)
+@given(cuts=st.lists(st.integers(1, 39), min_size=0, max_size=5, unique=True))
+def test_stateful_random_chunkings(cuts):
+    x = data(2, 40, seed=3)
+    bounds = [0, *sorted(cuts), 40]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    layer = Aaren(2, 3, return_sequences=True, stateful=True)
+    layer.build((2, None, FEATURES))
+    expected = to_numpy(keras.layers.RNN(layer.cell, return_sequences=True)(x))
+    assert_close(_stream(layer, x, sizes), expected)
+
+
+def test_stateful_streaming_with_rnn_cell_matches_parallel():
+    x = data(2, 20, seed=4)
+    parallel = Aaren(2, 4, return_sequences=True)
+    expected = to_numpy(parallel(x))
+    streaming = keras.layers.RNN(parallel.cell, return_sequences=True, stateful=True)
+    streaming.build((2, None, FEATURES))
+    tokens = [to_numpy(streaming(x[:, t : t + 1]))[:, 0] for t in range(20)]
+    assert_close(np.stack(tokens, axis=1), expected)
+
+
+def test_gradients_match_stepping():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("weight gradients are taken with tf.GradientTape")
+    import tensorflow as tf
+
+    x = tf.constant(data(2, 17, seed=5))
+    mask = make_mask("holes", 2, 17, seed=5)
+    mask[0, 3] = True
+    layer = Aaren(2, 4, return_sequences=True)
+    layer.build((None, None, FEATURES))
+    stepping = keras.layers.RNN(layer.cell, return_sequences=True)
+    target = data(2, 17, seed=50)
+
+    def grads(rnn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = keras.ops.sum(rnn(x, mask=mask) * target)
+        return tape.gradient(loss, [x, *layer.cell.trainable_variables])
+
+    for got, want in zip(grads(layer), grads(stepping)):
+        assert np.all(np.isfinite(to_numpy(got)))
+        assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_input_gradients_match_oracle():
+    x = data(2, 31, seed=6)
+    layer = Aaren(2, 4, return_sequences=True)
+    layer.build((None, None, FEATURES))
+    stepping = keras.layers.RNN(layer.cell, return_sequences=True)
+    got = gradients(lambda x: keras.ops.sum(layer(x) ** 2), [x])[0]
+    want = gradients(lambda x: keras.ops.sum(stepping(x) ** 2), [x])[0]
+    assert np.all(np.isfinite(got))
+    assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_stacked_cells_match_stacked_layers():
+    x = data(2, 15, seed=7)
+    first = Aaren(2, 4, return_sequences=True)
+    second = Aaren(3, 2, output_dim=5, return_sequences=True)
+    expected = second(first(x))
+    stacked = keras.layers.RNN(
+        keras.layers.StackedRNNCells([first.cell, second.cell]), return_sequences=True
+    )
+    assert_close(stacked(x), expected)
+
+
+def _model(layer_or_cell, steps=None):
+    inputs = keras.Input((steps, FEATURES))
+    if isinstance(layer_or_cell, AarenCell):
+        hidden = keras.layers.RNN(layer_or_cell, return_sequences=True)(inputs)
+    else:
+        hidden = layer_or_cell(inputs)
+    return keras.Model(inputs, keras.layers.Dense(1)(hidden))
+
+
+def test_trained_weights_transfer_to_stepping_model():
+    x = data(4, 12, seed=8)
+    parallel = _model(Aaren(2, 4, return_sequences=True))
+    parallel.compile("adam", "mse")
+    parallel.fit(x, np.ones((4, 12, 1), "float32"), epochs=2, verbose=0)
+    stepping = _model(AarenCell(2, 4))
+    assert [w.shape for w in stepping.weights] == [w.shape for w in parallel.weights]
+    stepping.set_weights(parallel.get_weights())
+    assert_close(stepping.predict(x, verbose=0), parallel.predict(x, verbose=0))
+
+
+def test_keras_file_round_trip(tmp_path):
+    x = data(3, 9, seed=9)
+    inputs = keras.Input((None, FEATURES))
+    hidden = Aaren(2, 4, return_sequences=True, method="associative", output_dim=8)(inputs)
+    outputs = keras.layers.RNN(AarenCell(1, 3))(hidden)
+    model = keras.Model(inputs, outputs)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert_close(loaded(x), model(x), atol=1e-6, rtol=1e-6)
+    layer = loaded.layers[1]
+    assert isinstance(layer, Aaren)
+    assert (layer.method, layer.output_dim, layer.num_heads) == ("associative", 8, 2)
+
+
+def test_config_round_trip():
+    layer = Aaren(
+        3,
+        5,
+        value_dim=7,
+        output_dim=4,
+        use_bias=False,
+        method="chunked",
+        stateful=True,
+        return_state=True,
+        go_backwards=True,
+        kernel_regularizer="l2",
+        query_constraint="non_neg",
+    )
+    clone = Aaren.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    assert (clone.value_dim, clone.use_bias, clone.go_backwards) == (7, False, True)
+    cell = AarenCell(2, 3, output_dim=9)
+    assert AarenCell.from_config(cell.get_config()).get_config() == cell.get_config()
+
+
+def test_parameter_count_is_attention_plus_query():
+    x = data(2, 5)
+    layer = Aaren(4, 8)
+    layer(x)
+    attention = keras.layers.MultiHeadAttention(4, 8)
+    attention(x, x)
+    assert layer.count_params() == attention.count_params() + FEATURES
+
+
+@pytest.mark.parametrize("return_state", [False, True])
+@pytest.mark.parametrize("return_sequences", [False, True])
+def test_functional_shapes_with_unknown_dims(return_sequences, return_state):
+    inputs = keras.Input((None, FEATURES))
+    layer = Aaren(
+        2,
+        4,
+        value_dim=3,
+        output_dim=7,
+        return_sequences=return_sequences,
+        return_state=return_state,
+    )
+    outputs = layer(inputs)
+    outputs = outputs if return_state else [outputs]
+    expected = [(None, None, 7) if return_sequences else (None, 7)]
+    if return_state:
+        expected += [(None, 2), (None, 2), (None, 6)]
+    assert [tuple(o.shape) for o in outputs] == expected
+    model = keras.Model(inputs, outputs)
+    for steps in (1, 13):
+        results = model(data(3, steps))
+        results = results if isinstance(results, (list, tuple)) else [results]
+        assert [tuple(r.shape) for r in results] == [
+            tuple(
+                3 if d is None and i == 0 else (steps if d is None else d) for i, d in enumerate(e)
+            )
+            for e in expected
+        ]
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_sequential_model_trains(jit_compile):
+    x = data(32, 24, seed=10)
+    # A target that needs attention over the sequence: the mean of the first feature so far.
+    y = np.cumsum(x[..., :1], axis=1) / np.arange(1, 25)[None, :, None]
+    model = keras.Sequential(
+        [
+            keras.Input((24, FEATURES)),
+            Aaren(2, 8, return_sequences=True),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
+    before = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, epochs=15, batch_size=16, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < 0.5 * before
+
+
+def test_functional_model_with_masking_trains():
+    x = data(32, 20, seed=11)
+    x[:8, 15:] = 0.0
+    y = x[:, :, :2].sum(axis=1)
+    inputs = keras.Input((None, FEATURES))
+    hidden = keras.layers.Masking()(inputs)
+    hidden = Aaren(2, 8, return_sequences=True)(hidden)
+    outputs = keras.layers.Dense(2)(Aaren(2, 8)(hidden))
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    before = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, epochs=15, batch_size=16, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < before
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_scan_in_float32(policy):
+    x = data(2, 2000, scale=30.0, seed=12)
+    reference = Aaren(2, 4, return_sequences=True)
+    expected = to_numpy(reference(x))
+    keras.config.set_dtype_policy(policy)
+    layer = Aaren(2, 4, return_sequences=True, return_state=True)
+    layer.build((None, None, FEATURES))
+    layer.set_weights(reference.get_weights())
+    outputs, *state = layer(x)
+    assert keras.backend.standardize_dtype(outputs.dtype) == policy.split("_")[1]
+    assert keras.backend.standardize_dtype(layer.cell.query.dtype) == "float32"
+    got = to_numpy(keras.ops.cast(outputs, "float32"))
+    assert np.all(np.isfinite(got))
+    assert all(np.all(np.isfinite(to_numpy(keras.ops.cast(s, "float32")))) for s in state)
+    # Inputs and projections are rounded to the half type; the scan itself is not the bottleneck.
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() < 0.05 * scale
+
+
+def test_reset_states_helper():
+    model = keras.Sequential(
+        [
+            keras.Input(batch_shape=(2, None, FEATURES)),
+            Aaren(2, 4, return_sequences=True, stateful=True),
+            keras.layers.RNN(AarenCell(1, 2), return_sequences=True, stateful=True),
+        ]
+    )
+    x = data(2, 10, seed=13)
+    first = to_numpy(model(x))
+    assert not np.allclose(to_numpy(model(x)), first)
+    assert reset_states(model) == 2
+    assert_close(model(x), first)
+    with pytest.raises(ValueError, match="`model` must be a keras.Model"):
+        reset_states("not a model")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_heads": 0}, "`num_heads` must be a positive integer. Received: num_heads=0"),
+        ({"key_dim": 0}, "`key_dim` must be a positive integer. Received: key_dim=0"),
+        ({"key_dim": 2.5}, "Received: key_dim=2.5"),
+        ({"value_dim": -1}, "`value_dim` must be a positive integer or None"),
+        ({"output_dim": 0}, "`output_dim` must be a positive integer or None"),
+        ({"method": "fast"}, "`method` must be one of .* Received: method='fast'"),
+    ],
+    ids=["num_heads", "key_dim", "key_dim_float", "value_dim", "output_dim", "method"],
+)
+def test_bad_arguments_raise(kwargs, match):
+    arguments = {"num_heads": 2, "key_dim": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Aaren(**arguments)
+    if "method" not in kwargs:
+        with pytest.raises(ValueError, match=match):
+            AarenCell(**arguments)
+
+
+def test_bad_inputs_raise():
+    layer = Aaren(2, 4)
+    with pytest.raises(
+        ValueError,
+        match=r"\(batch_size, timesteps, features\).*Received: "
+        r"sequences.shape=\(2, 6\)",
+    ):
+        layer(np.zeros((2, 6), "float32"))
+    with pytest.raises(ValueError, match="known `features`"):
+        Aaren(2, 4)(keras.Input((None, None)))
+    with pytest.raises(ValueError, match="floating-point `inputs`.*Received: inputs.dtype=int32"):
+        Aaren(2, 4)(np.zeros((2, 5, 3), "int32"))
+    with pytest.raises(ValueError, match=r"`mask` of shape.*Received: mask.shape=\(2, 4\)"):
+        Aaren(2, 4)(data(2, 5), mask=np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match=r"`initial_state` as \[m, u, w\]"):
+        Aaren(2, 4)(data(2, 5), initial_state=[np.zeros((2, 2), "float32")] * 3)
+    with pytest.raises(
+        ValueError,
+        match=r"\(batch_size, features\).*Received: "
+        r"input_shape=\(2, 5, 3\)",
+    ):
+        AarenCell(2, 4).build((2, 5, 3))
+    with pytest.raises(ValueError, match="floating-point `inputs`"):
+        keras.layers.RNN(AarenCell(2, 4))(np.zeros((2, 5, 3), "int32"))
