@@ -9,28 +9,18 @@ import math
 import keras
 from keras import ops
 
-from keras_aaren.ops import METHODS, aaren_scan, aaren_step
+from keras_aaren.layers.base import (
+    ParallelRNN,
+    cell_attribute,
+    check_float,
+    check_positive_int,
+    check_token_shape,
+)
+from keras_aaren.ops import aaren_scan, aaren_step
 
 _INITIALIZERS = ("kernel_initializer", "bias_initializer", "query_initializer")
 _REGULARIZERS = ("kernel_regularizer", "bias_regularizer", "query_regularizer")
 _CONSTRAINTS = ("kernel_constraint", "bias_constraint", "query_constraint")
-
-
-def _check_positive_int(name, value, allow_none=False):
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
-
-
-def _check_float(layer, inputs):
-    dtype = keras.backend.standardize_dtype(inputs.dtype)
-    if "float" not in dtype:
-        raise ValueError(
-            f"Layer '{layer.name}' expects floating-point `inputs`; cast or embed integer data "
-            f"first (e.g. with keras.layers.Embedding). Received: inputs.dtype={dtype}"
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
@@ -122,10 +112,10 @@ class AarenCell(keras.layers.Layer):
         query_constraint=None,
         **kwargs,
     ):
-        _check_positive_int("num_heads", num_heads)
-        _check_positive_int("key_dim", key_dim)
-        _check_positive_int("value_dim", value_dim, allow_none=True)
-        _check_positive_int("output_dim", output_dim, allow_none=True)
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("key_dim", key_dim)
+        check_positive_int("value_dim", value_dim, allow_none=True)
+        check_positive_int("output_dim", output_dim, allow_none=True)
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.key_dim = key_dim
@@ -151,11 +141,7 @@ class AarenCell(keras.layers.Layer):
         return self.output_dim if self.output_dim is not None else self.input_dim
 
     def build(self, input_shape):
-        if len(input_shape) != 2 or input_shape[-1] is None:
-            raise ValueError(
-                f"Layer '{self.name}' expects one token of shape (batch_size, features) with a "
-                f"known `features`. Received: input_shape={tuple(input_shape)}"
-            )
+        check_token_shape(self, input_shape)
         self.input_dim = int(input_shape[-1])
         heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
         output_dim = self.output_size
@@ -213,16 +199,42 @@ class AarenCell(keras.layers.Layer):
         return [ops.cast(x, dtype) for x in (m, u, w)]
 
     def call(self, inputs, states):
-        _check_float(self, inputs)
+        check_float(self, inputs)
         state = self.unflatten_state(states)
         scores, values = self.project(inputs)  # (B, H), (B, H, D)
         attended, new_state = aaren_step(state, scores, values)
         return self.output_projection(attended), self.flatten_state(new_state, states[0].dtype)
 
+    def call_sequence(
+        self, sequences, states, mask=None, method="auto", last_only=False, training=False
+    ):
+        """The parallel form: every timestep at once with `aaren_scan`.
+
+        Args:
+            sequences: tensor `(batch_size, timesteps, features)`.
+            states: the incoming flat states `[m, u, w]`.
+            mask: optional boolean tensor `(batch_size, timesteps)`.
+            method: the `aaren_scan` method.
+            last_only: return only the last timestep's output, `(batch_size, 1, output_dim)`.
+            training: unused; part of the sequence-cell signature.
+
+        Returns:
+            A tuple `(outputs, new_states)`: `(batch_size, timesteps, output_dim)` (or
+            `(batch_size, 1, output_dim)` with `last_only`) and the final flat states.
+        """
+        scores, values = self.project(sequences)  # (B, T, H), (B, T, H, D)
+        attended, final = aaren_scan(
+            scores, values, initial_state=self.unflatten_state(states), mask=mask, method=method
+        )
+        if last_only:
+            attended = attended[:, -1:]
+        return self.output_projection(attended), self.flatten_state(final, states[0].dtype)
+
     def get_initial_state(self, batch_size=None):
         return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]
 
-    def _arg_config(self):
+    def arg_config(self):
+        """The constructor arguments, serialized (no base-layer keys)."""
         config = {
             "num_heads": self.num_heads,
             "key_dim": self.key_dim,
@@ -240,15 +252,11 @@ class AarenCell(keras.layers.Layer):
         return config
 
     def get_config(self):
-        return {**super().get_config(), **self._arg_config()}
-
-
-def _cell_attribute(name):
-    return property(lambda self: getattr(self.cell, name), doc=f"The cell's `{name}`.")
+        return {**super().get_config(), **self.arg_config()}
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
-class Aaren(keras.layers.RNN):
+class Aaren(ParallelRNN):
     """Aaren layer: attention computed as an RNN, in parallel (Feng et al., arXiv 2405.13956).
 
     Use it where you would use `keras.layers.LSTM` or causal `keras.layers.MultiHeadAttention`
@@ -355,8 +363,6 @@ class Aaren(keras.layers.RNN):
         zero_output_for_mask=False,
         **kwargs,
     ):
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
         cell = AarenCell(
             num_heads,
             key_dim,
@@ -378,6 +384,7 @@ class Aaren(keras.layers.RNN):
         )
         super().__init__(
             cell,
+            method=method,
             return_sequences=return_sequences,
             return_state=return_state,
             go_backwards=go_backwards,
@@ -386,102 +393,18 @@ class Aaren(keras.layers.RNN):
             zero_output_for_mask=zero_output_for_mask,
             **kwargs,
         )
-        self.method = method
-        self.supports_masking = True
 
-    num_heads = _cell_attribute("num_heads")
-    key_dim = _cell_attribute("key_dim")
-    value_dim = _cell_attribute("value_dim")
-    output_dim = _cell_attribute("output_dim")
-    use_bias = _cell_attribute("use_bias")
-    kernel_initializer = _cell_attribute("kernel_initializer")
-    bias_initializer = _cell_attribute("bias_initializer")
-    query_initializer = _cell_attribute("query_initializer")
-    kernel_regularizer = _cell_attribute("kernel_regularizer")
-    bias_regularizer = _cell_attribute("bias_regularizer")
-    query_regularizer = _cell_attribute("query_regularizer")
-    kernel_constraint = _cell_attribute("kernel_constraint")
-    bias_constraint = _cell_attribute("bias_constraint")
-    query_constraint = _cell_attribute("query_constraint")
-
-    def build(self, sequences_shape, initial_state_shape=None):
-        if len(sequences_shape) != 3 or sequences_shape[-1] is None:
-            raise ValueError(
-                f"Layer '{self.name}' expects `sequences` of shape "
-                "(batch_size, timesteps, features) with a known `features`. "
-                f"Received: sequences.shape={tuple(sequences_shape)}"
-            )
-        super().build(sequences_shape, initial_state_shape)
-
-    def call(self, sequences, initial_state=None, mask=None, training=False):
-        _check_float(self, sequences)
-        batch, steps = sequences.shape[0], sequences.shape[1]
-        if mask is not None:
-            mask_shape = tuple(mask.shape)
-            if len(mask_shape) != 2 or any(
-                got is not None and want is not None and got != want
-                for got, want in zip(mask_shape, (batch, steps))
-            ):
-                raise ValueError(
-                    f"Layer '{self.name}' expects `mask` of shape (batch_size, timesteps) = "
-                    f"{(batch, steps)}. Received: mask.shape={mask_shape}"
-                )
-        if initial_state is not None:
-            states = initial_state if isinstance(initial_state, (list, tuple)) else [initial_state]
-            shapes = [tuple(s.shape) for s in states]
-            expected = [(batch, size) for size in self.cell.state_size]
-            if len(shapes) != len(expected) or any(
-                len(got) != 2
-                or any(g is not None and w is not None and g != w for g, w in zip(got, want))
-                for got, want in zip(shapes, expected)
-            ):
-                raise ValueError(
-                    f"Layer '{self.name}' expects `initial_state` as [m, u, w] of shapes "
-                    f"{expected}. Received: shapes {shapes}"
-                )
-        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
-
-    def inner_loop(self, sequences, initial_state, mask, training=False):
-        if self.method == "sequential":
-            return super().inner_loop(sequences, initial_state, mask, training=training)
-        if mask is not None:
-            mask = ops.cast(mask, "bool")
-        if self.go_backwards:
-            sequences = ops.flip(sequences, axis=1)
-            mask = None if mask is None else ops.flip(mask, axis=1)
-        scores, values = self.cell.project(sequences)  # (B, T, H), (B, T, H, D)
-        attended, final = aaren_scan(
-            scores,
-            values,
-            initial_state=self.cell.unflatten_state(initial_state),
-            mask=mask,
-            method=self.method,
-        )
-        states = self.cell.flatten_state(final, initial_state[0].dtype)
-        # keras.layers.RNN outputs, at a masked step, the previous step's output (0 before the
-        # first real token of the call), or 0 with zero_output_for_mask. The attended value at a
-        # masked step already equals the previous one; only the steps before the first real
-        # token need zeroing, because the output projection would turn 0 into its bias.
-        if self.return_sequences:
-            outputs = self.cell.output_projection(attended)  # (B, T, O)
-            if mask is not None:
-                if self.zero_output_for_mask:
-                    keep = mask
-                else:
-                    keep = ops.cumsum(ops.cast(mask, "int32"), axis=1) > 0
-                outputs = ops.where(keep[..., None], outputs, ops.zeros_like(outputs))
-            return outputs[:, -1], outputs, states
-        last = self.cell.output_projection(attended[:, -1])  # (B, O)
-        if mask is not None:
-            keep = mask[:, -1] if self.zero_output_for_mask else ops.any(mask, axis=1)
-            last = ops.where(keep[:, None], last, ops.zeros_like(last))
-        return last, last[:, None], states
-
-    def get_config(self):
-        config = super().get_config()
-        del config["cell"]
-        return {**config, **self.cell._arg_config(), "method": self.method}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    num_heads = cell_attribute("num_heads")
+    key_dim = cell_attribute("key_dim")
+    value_dim = cell_attribute("value_dim")
+    output_dim = cell_attribute("output_dim")
+    use_bias = cell_attribute("use_bias")
+    kernel_initializer = cell_attribute("kernel_initializer")
+    bias_initializer = cell_attribute("bias_initializer")
+    query_initializer = cell_attribute("query_initializer")
+    kernel_regularizer = cell_attribute("kernel_regularizer")
+    bias_regularizer = cell_attribute("bias_regularizer")
+    query_regularizer = cell_attribute("query_regularizer")
+    kernel_constraint = cell_attribute("kernel_constraint")
+    bias_constraint = cell_attribute("bias_constraint")
+    query_constraint = cell_attribute("query_constraint")
