@@ -99,12 +99,19 @@ def main(argv=None):
     )
     start = time.perf_counter()
     history = model.fit(
-        x_train, y_train, validation_split=0.25, epochs=epochs, batch_size=8, verbose=2,
+        x_train,
+        y_train,
+        validation_split=0.25,
+        epochs=epochs,
+        batch_size=8,
+        verbose=2,
     )
     train_seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
-    print(f"test accuracy: {accuracy:.3f} ({model.count_params()} parameters, "
-          f"{epochs} epochs in {train_seconds:.1f} s)")
+    print(
+        f"test accuracy: {accuracy:.3f} ({model.count_params()} parameters, "
+        f"{epochs} epochs in {train_seconds:.1f} s)"
+    )
 
     # Stream the test set one timestep at a time, as if it arrived from the sensors, and compare
     # every intermediate prediction with the parallel model run on the same prefix.

@@ -3,7 +3,15 @@
 __version__ = "0.1.0"
 
 from keras_aaren import ops
-from keras_aaren.layers import Aaren, AarenCell
+from keras_aaren.layers import Aaren, AarenBlock, AarenBlockCell, AarenCell
 from keras_aaren.streaming import reset_states
 
-__all__ = ["Aaren", "AarenCell", "ops", "reset_states", "__version__"]
+__all__ = [
+    "Aaren",
+    "AarenBlock",
+    "AarenBlockCell",
+    "AarenCell",
+    "ops",
+    "reset_states",
+    "__version__",
+]

@@ -52,6 +52,23 @@ def _dims_match(got, expected):
     )
 
 
+def _carry_last_real(outputs, mask):
+    """Each step's output replaced by that of the last real step up to it; 0 before any.
+
+    outputs: (B, T, O); mask: (B, T) bool. A gather, so it compiles under XLA like the scan.
+    """
+    steps = ops.shape(mask)[1]
+    position = ops.arange(steps)
+    # Sorting real steps before masked ones (keys are unique) lists the real positions in order;
+    # the c-th real position is where a step that has seen c real tokens takes its output from.
+    order = ops.argsort(ops.where(mask, position, position + steps), axis=1)  # (B, T)
+    count = ops.cumsum(ops.cast(mask, "int32"), axis=1)  # (B, T)
+    source = ops.take_along_axis(order, ops.maximum(count - 1, 0), axis=1)  # (B, T)
+    index = ops.repeat(source[..., None], outputs.shape[-1], axis=-1)  # (B, T, O)
+    carried = ops.take_along_axis(outputs, index, axis=1)
+    return ops.where((count > 0)[..., None], carried, ops.zeros_like(carried))
+
+
 class ParallelRNN(keras.layers.RNN):
     """A `keras.layers.RNN` that computes the whole sequence with its cell's parallel form.
 
@@ -111,7 +128,12 @@ class ParallelRNN(keras.layers.RNN):
         if self.go_backwards:
             sequences = ops.flip(sequences, axis=1)
             mask = None if mask is None else ops.flip(mask, axis=1)
-        last_only = not self.return_sequences
+        # keras.layers.RNN outputs, at a masked step, the output of the last real step (0 before
+        # the first real token of the call), or 0 with zero_output_for_mask. A cell's output at a
+        # masked step need not equal that (a block's residual sees the masked token's input), so
+        # carry the last real output forward.
+        carry = mask is not None and not self.zero_output_for_mask
+        last_only = not self.return_sequences and not carry
         outputs, states = self.cell.call_sequence(
             sequences,
             initial_state,
@@ -120,19 +142,10 @@ class ParallelRNN(keras.layers.RNN):
             last_only=last_only,
             training=training,
         )  # (B, T or 1, O)
-        # keras.layers.RNN outputs, at a masked step, the previous step's output (0 before the
-        # first real token of the call), or 0 with zero_output_for_mask. The cell's output at a
-        # masked step already equals the previous one; only the steps before the first real token
-        # need zeroing, because the cell would map "nothing seen" to its biases.
-        if mask is not None:
-            if last_only and self.zero_output_for_mask:
-                keep = mask[:, -1:]
-            elif last_only:
-                keep = ops.any(mask, axis=1, keepdims=True)
-            elif self.zero_output_for_mask:
-                keep = mask
-            else:
-                keep = ops.cumsum(ops.cast(mask, "int32"), axis=1) > 0
+        if carry:
+            outputs = _carry_last_real(outputs, mask)
+        elif mask is not None:
+            keep = mask[:, -1:] if last_only else mask
             outputs = ops.where(keep[..., None], outputs, ops.zeros_like(outputs))
         return outputs[:, -1], outputs, states
 
