@@ -36,3 +36,26 @@ def assert_close(actual, expected, atol=2e-5, rtol=2e-5, what=""):
     np.testing.assert_allclose(
         to_numpy(actual), to_numpy(expected), atol=atol, rtol=rtol, err_msg=what
     )
+
+
+FEATURES = 6
+
+
+def data(batch, steps, features=FEATURES, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (scale * rng.normal(size=(batch, steps, features))).astype("float32")
+
+
+def make_mask(kind, batch, steps, seed=0):
+    """A (batch, steps) mask: left or right padding of a third, or holes and an empty row."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, steps), dtype=bool)
+    cut = max(1, steps // 3)
+    if kind == "left":
+        mask[:, :cut] = False
+    elif kind == "right":
+        mask[:, steps - cut :] = False
+    elif kind == "holes":
+        mask = rng.random((batch, steps)) > 0.4
+        mask[0] = False
+    return mask

@@ -6,33 +6,12 @@ import math
 import keras
 import numpy as np
 import pytest
-from helpers import assert_close, gradients, to_numpy
+from helpers import FEATURES, assert_close, data, gradients, make_mask, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_aaren import Aaren, AarenCell, reset_states
 from keras_aaren.ops import METHODS, aaren_attention_naive
-
-FEATURES = 6
-
-
-def data(batch, steps, features=FEATURES, seed=0, scale=1.0):
-    rng = np.random.default_rng(seed)
-    return (scale * rng.normal(size=(batch, steps, features))).astype("float32")
-
-
-def make_mask(kind, batch, steps, seed=0):
-    rng = np.random.default_rng(seed)
-    mask = np.ones((batch, steps), dtype=bool)
-    cut = max(1, steps // 3)
-    if kind == "left":
-        mask[:, :cut] = False
-    elif kind == "right":
-        mask[:, steps - cut :] = False
-    elif kind == "holes":
-        mask = rng.random((batch, steps)) > 0.4
-        mask[0] = False
-    return mask
 
 
 def numpy_oracle(cell, x):
