@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from keras_aaren import ops
+from keras_aaren import ops, streaming
 from keras_aaren.layers import Aaren, AarenBlock, AarenBlockCell, AarenCell
 from keras_aaren.streaming import reset_states
 
@@ -12,6 +12,7 @@ __all__ = [
     "AarenBlockCell",
     "AarenCell",
     "ops",
+    "streaming",
     "reset_states",
     "__version__",
 ]

@@ -170,7 +170,8 @@ class AarenCell(keras.layers.Layer):
 
     def project(self, inputs):
         """Scores and values of tokens: `(..., F)` -> `(..., H)` and `(..., H, D)`."""
-        query = ops.einsum("f,fhk->hk", self.query, self.query_kernel)  # (H, K)
+        # A leading axis of 1 keeps every einsum operand at least 2-D, which TFLite requires.
+        query = ops.einsum("af,fhk->ahk", self.query[None], self.query_kernel)[0]  # (H, K)
         keys = ops.einsum("...f,fhk->...hk", inputs, self.key_kernel)
         values = ops.einsum("...f,fhd->...hd", inputs, self.value_kernel)
         if self.use_bias:
