@@ -186,9 +186,15 @@ def to_streaming(model, batch_size):
     _check_streamable(model)
     features = model.inputs[0].shape[-1]
     inputs = keras.Input(batch_shape=(batch_size, None, features), name=model.inputs[0].name)
-    clone = keras.models.clone_model(
-        model, input_tensors=inputs, clone_function=_clone_with({"stateful": True})
-    )
+    stateful = _clone_with({"stateful": True})
+
+    def clone_layer(layer):
+        # A nested model gets the same fixed batch size: a stateful RNN needs a static one.
+        if isinstance(layer, keras.Model):
+            return to_streaming(layer, batch_size)
+        return stateful(layer)
+
+    clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_layer)
     clone.set_weights(model.get_weights())
     return clone
 

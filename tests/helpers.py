@@ -59,3 +59,31 @@ def make_mask(kind, batch, steps, seed=0):
         mask = rng.random((batch, steps)) > 0.4
         mask[0] = False
     return mask
+
+
+def numpy_projections(cell, x):
+    """An AarenCell's scores (B, T, H) and values (B, T, H, D), computed in float64 numpy."""
+    w = {
+        name: to_numpy(getattr(cell, name)).astype("float64")
+        for name in (
+            "query",
+            "query_kernel",
+            "query_bias",
+            "key_kernel",
+            "key_bias",
+            "value_kernel",
+            "value_bias",
+        )
+    }
+    x = np.asarray(x, "float64")
+    query = np.einsum("f,fhk->hk", w["query"], w["query_kernel"]) + w["query_bias"]
+    keys = np.einsum("btf,fhk->bthk", x, w["key_kernel"]) + w["key_bias"]
+    values = np.einsum("btf,fhd->bthd", x, w["value_kernel"]) + w["value_bias"]
+    scores = np.einsum("bthk,hk->bth", keys, query) / np.sqrt(cell.key_dim)
+    return scores, values
+
+
+def numpy_output(cell, attended):
+    """An AarenCell's output projection of attended values (B, T, H, D), in float64 numpy."""
+    kernel = to_numpy(cell.output_kernel).astype("float64")
+    return np.einsum("bthd,hdo->bto", attended, kernel) + to_numpy(cell.output_bias)

@@ -1,12 +1,19 @@
 """Aaren and AarenCell: the parallel layer against a numpy oracle and against keras.layers.RNN
 stepping the same cell, plus Keras integration (masking, state, saving, training, bad input)."""
 
-import math
-
 import keras
 import numpy as np
 import pytest
-from helpers import FEATURES, assert_close, data, gradients, make_mask, to_numpy
+from helpers import (
+    FEATURES,
+    assert_close,
+    data,
+    gradients,
+    make_mask,
+    numpy_output,
+    numpy_projections,
+    to_numpy,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,27 +23,9 @@ from keras_aaren.ops import METHODS, aaren_attention_naive
 
 def numpy_oracle(cell, x):
     """The layer's math from its weights: numpy projections around the naive softmax attention."""
-    w = {
-        name: to_numpy(getattr(cell, name)).astype("float64")
-        for name in (
-            "query",
-            "query_kernel",
-            "query_bias",
-            "key_kernel",
-            "key_bias",
-            "value_kernel",
-            "value_bias",
-            "output_kernel",
-            "output_bias",
-        )
-    }
-    x = x.astype("float64")
-    query = np.einsum("f,fhk->hk", w["query"], w["query_kernel"]) + w["query_bias"]
-    keys = np.einsum("btf,fhk->bthk", x, w["key_kernel"]) + w["key_bias"]
-    values = np.einsum("btf,fhd->bthd", x, w["value_kernel"]) + w["value_bias"]
-    scores = np.einsum("bthk,hk->bth", keys, query) / math.sqrt(cell.key_dim)
+    scores, values = numpy_projections(cell, x)
     attended, _ = aaren_attention_naive(scores, values)
-    return np.einsum("bthd,hdo->bto", to_numpy(attended), w["output_kernel"]) + w["output_bias"]
+    return numpy_output(cell, to_numpy(attended))
 
 
 @pytest.mark.parametrize("steps", [1, 63, 100], ids=lambda t: f"B3-T{t}-H2-D4")
