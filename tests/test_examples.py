@@ -24,3 +24,14 @@ def test_quickstart_quick(tmp_path):
     # the accuracy after a few epochs.
     assert result["max_diff"] < 1e-4
     assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_streaming_co2_quick(tmp_path):
+    pytest.importorskip("statsmodels")
+    example = load_example("streaming_co2")
+    result = example.main(["--quick", "--output-dir", str(tmp_path)])
+    assert os.path.getsize(result["plot"]) > 0
+    # Served token by token with the trained weights: equal to the parallel model (in ppm, on
+    # levels near 350, so float32 rounding of the level is ~2e-5).
+    assert result["max_diff"] < 1e-3
+    assert len(result["state_sizes"]) == 1
