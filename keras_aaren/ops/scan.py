@@ -152,9 +152,11 @@ def _check_dims(name, got, expected, layout):
 def _validate(scores, values, initial_state, mask, method, chunk_size):
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    # A chunk must hold at least 2 tokens for the prefix over chunk summaries to be shorter than
+    # the sequence it summarizes.
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 2:
         raise ValueError(
-            f"`chunk_size` must be a positive integer. Received: chunk_size={chunk_size!r}"
+            f"`chunk_size` must be an integer >= 2. Received: chunk_size={chunk_size!r}"
         )
     _check_rank("scores", scores, 3, "(batch_size, timesteps, num_heads)")
     _check_rank("values", values, 4, "(batch_size, timesteps, num_heads, value_dim)")
@@ -316,7 +318,7 @@ def aaren_scan(
             matrix product inside chunks of `chunk_size` with a per-row running max, and a prefix
             over the chunk summaries; no loop, so it compiles under XLA) or `"auto"` (currently
             `"chunked"` on every backend).
-        chunk_size: int, the chunk length of `"chunked"`.
+        chunk_size: int >= 2, the chunk length of `"chunked"`.
 
     Returns:
         A tuple `(outputs, final_state)`: `outputs` of shape `(batch_size, timesteps, num_heads,
@@ -325,7 +327,7 @@ def aaren_scan(
         state unchanged.
 
     Raises:
-        ValueError: for a `method` that does not exist, a non-positive `chunk_size`, or tensors
+        ValueError: for a `method` that does not exist, a `chunk_size` below 2, or tensors
             whose ranks or shapes do not match.
 
     Example:
