@@ -21,7 +21,7 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_keras_state():
+def _float32_policy():
+    # Mixed-precision tests set a global dtype policy; put it back for the next test.
     yield
     keras.config.set_dtype_policy("float32")
-    keras.utils.clear_session()
