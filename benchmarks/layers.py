@@ -1,0 +1,222 @@
+"""Forward+backward time of one sequence layer: Aaren against the layers a user would pick instead.
+
+Run (the defaults are the issue's protocol: batch 8, width 64, 4 heads of 16, float32):
+
+    python -m benchmarks.layers                                   # T = 64 ... 4096
+    python -m benchmarks.layers --lengths 64 256 --repeats 3      # a quick look
+    python -m benchmarks.layers --xla                             # tf.function(jit_compile=True)
+
+Each contender is one layer called on `(batch, T, width)` inside a `tf.function` that computes
+the output, a sum-of-squares loss and the gradients with respect to the input and the weights.
+The function is traced and run twice before timing; the table reports the median of `--repeats`
+runs and, per length, each contender's time divided by Aaren's, all measured in the same run.
+
+Contenders:
+
+* `aaren`: `keras_aaren.Aaren` (method `auto`, the chunked scan);
+* `aaren_associative`: the same layer with the paper's `keras.ops.associative_scan`;
+* `tfp_style`: the approach of the earlier public Keras implementation, written here: one
+  associative scan over the concatenated `[m, u, w]` tensor (no chunking);
+* `mha_causal`: `keras.layers.MultiHeadAttention(4, 16)` self-attention, `use_causal_mask=True`;
+* `rnn_cell`: `keras.layers.RNN(AarenCell)`, stepping the same weights token by token;
+* `lstm`: `keras.layers.LSTM(64, return_sequences=True)`.
+
+It refuses to report (exit status 1) if `Aaren` does not match stepping its cell and the naive
+softmax oracle on a small case first. Results go to `<output-dir>/layers.json` and
+`<output-dir>/layers.png`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_aaren import Aaren, AarenCell
+from keras_aaren.ops import aaren_attention_naive
+
+# Stepping token by token is slow; beyond this length it is left out rather than waited for.
+MAX_STEPPED_LENGTH = 2048
+
+
+class TFPStyleAaren(keras.layers.Layer):
+    """The baseline: Aaren's prefix scan as one associative scan over concatenated [m, u, w]."""
+
+    def __init__(self, num_heads, key_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.cell = AarenCell(num_heads, key_dim)
+
+    def build(self, input_shape):
+        self.cell.build((input_shape[0], input_shape[-1]))
+
+    def call(self, x):
+        heads, dim = self.cell.num_heads, self.cell.value_dim
+        scores, values = self.cell.project(x)  # (B, T, H), (B, T, H, D)
+        leaves = ops.concatenate([scores[..., None], ops.ones_like(scores)[..., None], values], -1)
+
+        def combine(a, b):
+            m = ops.maximum(a[..., :1], b[..., :1])
+            scale_a, scale_b = ops.exp(a[..., :1] - m), ops.exp(b[..., :1] - m)
+            return ops.concatenate([m, a[..., 1:] * scale_a + b[..., 1:] * scale_b], -1)
+
+        prefix = ops.associative_scan(combine, leaves, axis=1)
+        attended = prefix[..., 2:] / prefix[..., 1:2]
+        return self.cell.output_projection(ops.reshape(attended, (-1, x.shape[1], heads, dim)))
+
+
+class CausalSelfAttention(keras.layers.Layer):
+    def __init__(self, num_heads, key_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = keras.layers.MultiHeadAttention(num_heads, key_dim)
+
+    def build(self, input_shape):
+        self.attention.build(input_shape, input_shape)
+
+    def call(self, x):
+        return self.attention(x, x, use_causal_mask=True)
+
+
+def contenders(heads, key_dim, width):
+    return {
+        "aaren": lambda: Aaren(heads, key_dim, return_sequences=True),
+        "aaren_associative": lambda: Aaren(
+            heads, key_dim, return_sequences=True, method="associative"
+        ),
+        "tfp_style": lambda: TFPStyleAaren(heads, key_dim),
+        "mha_causal": lambda: CausalSelfAttention(heads, key_dim),
+        "rnn_cell": lambda: keras.layers.RNN(AarenCell(heads, key_dim), return_sequences=True),
+        "lstm": lambda: keras.layers.LSTM(width, return_sequences=True),
+    }
+
+
+def check_correctness():
+    """Aaren against stepping its cell and against the naive oracle; False if they differ."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 37, 16)).astype("float32")
+    layer = Aaren(2, 8, return_sequences=True)
+    parallel = ops.convert_to_numpy(layer(x))
+    stepped = ops.convert_to_numpy(keras.layers.RNN(layer.cell, return_sequences=True)(x))
+    scores, values = (ops.convert_to_numpy(t).astype("float64") for t in layer.cell.project(x))
+    attended, _ = aaren_attention_naive(scores, values)
+    oracle = ops.convert_to_numpy(layer.cell.output_projection(ops.cast(attended, "float32")))
+    ok = np.allclose(parallel, stepped, atol=1e-4) and np.allclose(parallel, oracle, atol=1e-4)
+    return ok, float(max(np.abs(parallel - stepped).max(), np.abs(parallel - oracle).max()))
+
+
+def time_layer(make_layer, batch, steps, width, repeats, xla):
+    import tensorflow as tf
+
+    layer = make_layer()
+    x = tf.random.normal((batch, steps, width))
+    layer(x[:, :2])
+
+    @tf.function(jit_compile=xla)
+    def train_step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(layer(x)))
+        return tape.gradient(loss, [x, *layer.trainable_variables])
+
+    for _ in range(2):
+        tf.nest.map_structure(lambda t: t.numpy(), train_step(x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tf.nest.map_structure(lambda t: t.numpy(), train_step(x))
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--key-dim", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--xla", action="store_true", help="tf.function(jit_compile=True)")
+    parser.add_argument("--only", nargs="+", help="run only these contenders")
+    parser.add_argument("--output-dir", default="outputs/benchmarks")
+    args = parser.parse_args(argv)
+    if keras.backend.backend() != "tensorflow":
+        sys.exit("benchmarks.layers measures the TensorFlow backend; set KERAS_BACKEND=tensorflow")
+
+    ok, error = check_correctness()
+    if not ok:
+        print(f"Aaren does not match its oracle (max error {error:.2e}): not reporting.")
+        return 1
+    width = args.heads * args.key_dim
+    chosen = contenders(args.heads, args.key_dim, width)
+    if args.only:
+        chosen = {name: chosen[name] for name in args.only}
+    results = {name: {} for name in chosen}
+    for steps in args.lengths:
+        for name, make in chosen.items():
+            if name == "rnn_cell" and steps > MAX_STEPPED_LENGTH:
+                continue
+            ms = time_layer(make, args.batch, steps, width, args.repeats, args.xla)
+            results[name][steps] = ms
+            print(f"T={steps:6d} {name:18s} {ms:10.2f} ms", flush=True)
+
+    print(f"\nforward+backward, median of {args.repeats} (ms); ratio = time / aaren's")
+    print("contender           " + "".join(f"{f'T={t}':>20s}" for t in args.lengths))
+    for name, row in results.items():
+        cells = []
+        for t in args.lengths:
+            if t not in row:
+                cells.append(f"{'-':>20s}")
+                continue
+            ratio = row[t] / results["aaren"][t] if "aaren" in results else float("nan")
+            cells.append(f"{row[t]:10.1f} ({ratio:6.2f}x)")
+        print(f"{name:20s}" + "".join(cells))
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    record = {
+        "protocol": vars(args) | {"width": width, "oracle_max_error": error},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "keras": keras.__version__,
+            "backend": keras.backend.backend(),
+        },
+        "median_ms": results,
+    }
+    with open(os.path.join(args.output_dir, "layers.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    plot(results, os.path.join(args.output_dir, "layers.png"), args)
+    print(f"wrote {args.output_dir}/layers.json and layers.png")
+    return 0
+
+
+def plot(results, path, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, row in results.items():
+        lengths = sorted(row)
+        ax.plot(lengths, [row[t] for t in lengths], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("forward+backward, ms (median)")
+    compile_mode = "XLA" if args.xla else "tf.function"
+    ax.set_title(f"One layer, batch {args.batch}, {args.heads} heads of {args.key_dim} "
+                 f"({compile_mode})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
