@@ -217,6 +217,8 @@ def _scan_sequential(scores, values, state, mask):
 def _scan_associative(scores, values, state, mask):
     leaves = _token_leaves(scores, values, mask)
     prefix = ops.associative_scan(aaren_combine, leaves, axis=1)
+    # keras.ops.associative_scan on TensorFlow loses even the rank; give the leaves' shape back.
+    prefix = tuple(ops.reshape(p, ops.shape(leaf)) for p, leaf in zip(prefix, leaves))
     total = aaren_combine(tuple(x[:, None] for x in state), prefix)
     final = tuple(x[:, -1] for x in total)
     return readout(total), final

@@ -264,6 +264,19 @@ def test_functional_shapes_with_unknown_dims(return_sequences, return_state):
         ]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_in_a_compiled_model(method):
+    # Graph mode hides shapes that eager calls know; keras.ops.associative_scan on TensorFlow
+    # loses even the rank there.
+    x = data(4, 20, seed=14)
+    inputs = keras.Input((None, FEATURES))
+    outputs = Aaren(2, 4, method=method, return_sequences=True)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(outputs))
+    model.compile("adam", "mse")
+    model.fit(x, np.zeros((4, 20, 1), "float32"), epochs=1, verbose=0)
+    assert_close(model.predict(x, verbose=0), model(x), atol=1e-5)
+
+
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 def test_sequential_model_trains(jit_compile):
     x = data(32, 24, seed=10)
