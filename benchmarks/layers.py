@@ -210,8 +210,9 @@ def plot(results, path, args):
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("forward+backward, ms (median)")
     compile_mode = "XLA" if args.xla else "tf.function"
-    ax.set_title(f"One layer, batch {args.batch}, {args.heads} heads of {args.key_dim} "
-                 f"({compile_mode})")
+    ax.set_title(
+        f"One layer, batch {args.batch}, {args.heads} heads of {args.key_dim} ({compile_mode})"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
