@@ -15,8 +15,9 @@ The state of every recurrent layer is a fixed list of `(batch_size, size)` tenso
 `[m, u, w]`); its size never depends on how many tokens were seen. Streaming is exact for models
 whose layers act causally along time: Aaren layers and blocks, Keras RNNs, and layers that act on
 each timestep alone (Dense, LayerNormalization, Dropout, Masking, ...). Layers that mix timesteps
-non-causally (Bidirectional, MultiHeadAttention, pooling over time, Flatten, non-causal Conv1D)
-are refused with a ValueError.
+in a way the stream cannot reproduce (Bidirectional, MultiHeadAttention, pooling over time,
+Flatten, Conv1D with a kernel wider than 1, which would need past inputs) are refused with a
+ValueError.
 """
 
 import keras
@@ -118,12 +119,15 @@ def _check_streamable(model):
     _check_layer("model", model)
     for path, layer in _walk(model):
         name = type(layer).__name__
-        causal_conv = name != "Conv1D" or getattr(layer, "padding", "causal") == "causal"
-        if name in _NON_CAUSAL or not causal_conv:
+        # A convolution over time needs the previous kernel_size - 1 inputs, which a stream fed
+        # token by token does not keep (even with padding="causal"); only kernel size 1 is
+        # per-timestep.
+        kernel = getattr(layer, "kernel_size", (1,))
+        if name in _NON_CAUSAL or (name == "Conv1D" and tuple(kernel) != (1,)):
             raise ValueError(
-                f"Layer '{path}' ({name}) mixes timesteps non-causally, so the model cannot be "
-                "served token by token. Expected only causal sequence layers (Aaren, AarenBlock, "
-                "Keras RNNs) and per-timestep layers."
+                f"Layer '{path}' ({name}) mixes timesteps non-causally or needs past inputs, so "
+                "the model cannot be served token by token. Expected only recurrent layers "
+                "(Aaren, AarenBlock, Keras RNNs) and per-timestep layers."
             )
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 3:
         shapes = [tuple(x.shape) for x in model.inputs]
