@@ -7,7 +7,7 @@ Shape letters used in this module: B batch, T timesteps, F input features, O out
 import keras
 from keras import ops
 
-from keras_aaren.ops import METHODS
+from keras_aaren.ops.scan import check_method
 
 
 def check_positive_int(name, value, allow_none=False):
@@ -17,11 +17,6 @@ def check_positive_int(name, value, allow_none=False):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         expected = "a positive integer or None" if allow_none else "a positive integer"
         raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
-
-
-def check_method(method):
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
 
 
 def check_float(layer, inputs):

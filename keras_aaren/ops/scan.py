@@ -151,9 +151,14 @@ def _check_dims(name, got, expected, layout):
             )
 
 
-def _validate(scores, values, initial_state, mask, method, chunk_size):
+def check_method(method):
+    """Raise a ValueError unless `method` is one of `METHODS`."""
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
+
+
+def _validate(scores, values, initial_state, mask, method, chunk_size):
+    check_method(method)
     # A chunk must hold at least 2 tokens for the prefix over chunk summaries to be shorter than
     # the sequence it summarizes.
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 2:
