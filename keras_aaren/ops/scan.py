@@ -293,6 +293,37 @@ def _scan_chunked(scores, values, state, mask, chunk_size):
     return readout(total), final
 
 
+_TF_KERNELS = {}
+
+
+def _in_xla_context():
+    """Whether the current TF graph is already being compiled by XLA (`jit_compile=True`)."""
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+
+    # Inside an XLA-compiled function the scan is compiled with it; a nested tf.function there
+    # made Keras' jit-compiled train step recompile on every epoch. TF has no public test for this.
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _tf_kernel(jit_compile):
+    """`_scan_chunked` as a `tf.function`, one per compilation mode, made on first use.
+
+    Eager calls then run one compiled graph instead of a hundred Python-dispatched ops, and a call
+    inside a graph becomes one function call that XLA can compile as a unit. It traces once per
+    shape (and per chunk size and mask presence), not once per call.
+    """
+    if jit_compile not in _TF_KERNELS:
+        import tensorflow as tf
+
+        _TF_KERNELS[jit_compile] = tf.function(
+            _scan_chunked, jit_compile=jit_compile, autograph=False
+        )
+    return _TF_KERNELS[jit_compile]
+
+
 def aaren_scan(
     scores,
     values,
@@ -326,7 +357,9 @@ def aaren_scan(
             parallel prefix scan with ⊕, `keras.ops.associative_scan`), `"chunked"` (a masked
             matrix product inside chunks of `chunk_size` with a per-row running max, and a prefix
             over the chunk summaries; no loop, so it compiles under XLA) or `"auto"` (currently
-            `"chunked"` on every backend).
+            `"chunked"` on every backend). On TensorFlow, `"chunked"` and `"auto"` run as one
+            XLA-compiled `tf.function`, also when called eagerly (traced and compiled once per
+            shape), or inline when the caller is itself XLA-compiled.
         chunk_size: int >= 2, the chunk length of `"chunked"`.
 
     Returns:
@@ -370,6 +403,8 @@ def aaren_scan(
         outputs, final = _scan_sequential(scores, values, start, mask)
     elif method == "associative":
         outputs, final = _scan_associative(scores, values, start, mask)
+    elif backend.backend() == "tensorflow" and not _in_xla_context():
+        outputs, final = _tf_kernel(True)(scores, values, start, mask, chunk_size)
     else:
         outputs, final = _scan_chunked(scores, values, start, mask, chunk_size)
 
