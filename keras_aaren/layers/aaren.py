@@ -171,22 +171,30 @@ class AarenCell(keras.layers.Layer):
     def project(self, inputs):
         """Scores and values of tokens: `(..., F)` -> `(..., H)` and `(..., H, D)`."""
         heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
-        # Plain matmuls against kernels viewed as (F, H * K): TensorFlow differentiates an
-        # einsum with "..." through a large broadcast intermediate, about 10x slower here.
         query = ops.matmul(
             self.query[None], ops.reshape(self.query_kernel, (self.input_dim, -1))
         )  # (1, H * K)
-        keys = ops.matmul(inputs, ops.reshape(self.key_kernel, (self.input_dim, -1)))
-        values = ops.matmul(inputs, ops.reshape(self.value_kernel, (self.input_dim, -1)))
         if self.use_bias:
             query = query + ops.reshape(self.query_bias, (-1,))
-            keys = keys + ops.reshape(self.key_bias, (-1,))
-            values = values + ops.reshape(self.value_bias, (-1,))
+        query = ops.reshape(query, (heads, key_dim)) / math.sqrt(key_dim)
+        # The query is one vector per head, so q . (x W_k + b_k) = x (W_k q) + b_k . q: fold it
+        # into the key kernel and get the scores from the same matmul as the values, without
+        # ever forming the keys.
+        score_kernel = ops.sum(self.key_kernel * query, axis=-1)  # (F, H)
+        kernel = ops.concatenate(
+            [score_kernel, ops.reshape(self.value_kernel, (self.input_dim, -1))], axis=-1
+        )
+        # A plain matmul: TensorFlow differentiates an einsum with "..." through a large
+        # broadcast intermediate, about 10x slower here.
+        projected = ops.matmul(inputs, kernel)  # (..., H + H * D)
+        if self.use_bias:
+            score_bias = ops.sum(self.key_bias * query, axis=-1)
+            projected = projected + ops.concatenate(
+                [score_bias, ops.reshape(self.value_bias, (-1,))], axis=-1
+            )
         lead = tuple(ops.shape(inputs)[:-1])
-        keys = ops.reshape(keys, lead + (heads, key_dim))
-        query = ops.reshape(query, (heads, key_dim))
-        scores = ops.sum(keys * query, axis=-1) / math.sqrt(key_dim)
-        return scores, ops.reshape(values, lead + (heads, value_dim))
+        scores = projected[..., :heads]
+        return scores, ops.reshape(projected[..., heads:], lead + (heads, value_dim))
 
     def output_projection(self, attended):
         """The output of attended values: `(..., H, D)` -> `(..., O)`."""
