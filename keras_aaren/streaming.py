@@ -537,7 +537,9 @@ def export_tflite(model, path, batch_size):
         input_signature=module.step.input_signature,
     )
     with tempfile.TemporaryDirectory() as saved:
-        tf.saved_model.save(holder, saved, signatures={"step": holder.step})
+        # A frozen graph cannot carry the scan's custom gradient, and inference needs none.
+        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+        tf.saved_model.save(holder, saved, signatures={"step": holder.step}, options=options)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=["step"])
         flatbuffer = converter.convert()
     with open(str(path), "wb") as f:

@@ -287,10 +287,90 @@ def _blocked_prefix(m, u, w, chunk_size):
 
 
 def _scan_chunked(scores, values, state, mask, chunk_size):
-    prefix = _blocked_prefix(*_token_leaves(scores, values, mask), chunk_size)
-    total = aaren_combine(tuple(x[:, None] for x in state), prefix)
-    final = tuple(x[:, -1] for x in total)
-    return readout(total), final
+    """The chunked scan, with the closed-form gradient of `_chunked_backward`."""
+
+    @ops.custom_gradient
+    def scan(scores, values, m0, u0, w0):
+        prefix = _blocked_prefix(*_token_leaves(scores, values, mask), chunk_size)
+        total = aaren_combine((m0[:, None], u0[:, None], w0[:, None]), prefix)
+        outputs = readout(total)  # (B, T, H, D)
+        final = tuple(x[:, -1] for x in total)
+
+        def grad(*args, upstream=None):
+            # TensorFlow passes one cotangent per output, JAX one tuple, PyTorch a keyword.
+            if upstream is None:
+                upstream = args[0] if len(args) == 1 else args
+            cotangents = [
+                ops.zeros_like(x) if g is None else g
+                for g, x in zip(upstream, (outputs, *final))
+            ]
+            return _chunked_backward(
+                scores, values, (m0, u0, w0), mask, chunk_size, total, outputs, cotangents
+            )
+
+        return (outputs, *final), grad
+
+    outputs, *final = scan(scores, values, *state)
+    return outputs, tuple(final)
+
+
+def _chunked_backward(scores, values, start, mask, chunk_size, total, outputs, cotangents):
+    """The gradient of the scan in closed form, as one more chunked scan, run in reverse.
+
+    With $L_k$ the log-sum-exp of the scores up to token k, $p_{ki} = e^{s_i - L_k}$ and the
+    output's cotangent $g_k$, the outputs contribute
+
+    $$\frac{\partial \mathcal{L}}{\partial v_i} = \sum_{k \ge i} p_{ki}\, g_k, \qquad
+    \frac{\partial \mathcal{L}}{\partial s_i} = \sum_{k \ge i} p_{ki}\,(v_i - o_k) \cdot g_k,$$
+
+    suffix sums of $e^{-L_k} [g_k, o_k \cdot g_k]$ scaled by $e^{s_i}$: the forward scan over
+    the reversed sequence, with leaf scores $-m_k$ and values $[g_k, o_k \cdot g_k] / u_k$
+    ($L_k = m_k + \log u_k$, kept apart so that no large $m_k$ loses digits to a sum). The
+    running max $m_k$ never decreases, so the reverse scan's max at token i is $-m_i$ and every
+    factor $e^{s_i - m_i}$ is at most 1. The initial state is one more token in front, with mass
+    $u_0 e^{m_0}$ and weighted sum $w_0 e^{m_0}$; the final state adds $e^{s_i - m_T}$ terms,
+    with $m_T$ held constant as in the forward pass.
+    """
+    m0, u0, w0 = start
+    m_k, u_k, _ = total  # (B, T, H)
+    g_out, _, g_u, g_w = cotangents
+    neg = _neg(scores.dtype)
+    seen = u_k > 0
+    m_final = m_k[:, -1]  # (B, H)
+    carried = ops.sum(outputs * g_out, axis=-1)  # (B, T, H)
+    per_mass = ops.where(seen, 1.0 / ops.where(seen, u_k, 1.0), 0.0)[..., None]
+    leaves = (
+        ops.where(seen, -m_k, neg),
+        ops.cast(seen, m_k.dtype),
+        ops.concatenate([g_out, carried[..., None]], axis=-1) * per_mass,
+    )
+    reverse = tuple(ops.flip(x, axis=1) for x in leaves)
+    suffix_m, _, suffix_w = (
+        ops.flip(x, axis=1) for x in _blocked_prefix(*reverse, chunk_size)
+    )  # (B, T, H), _, (B, T, H, D + 1)
+    dim = values.shape[-1]
+
+    real = ops.ones_like(scores, dtype="bool") if mask is None else mask[:, :, None] & seen
+    to_outputs = ops.exp(ops.where(real, scores + suffix_m, neg))  # (B, T, H)
+    to_final = ops.exp(ops.where(real, scores - m_final[:, None], neg))
+    d_values = (
+        to_outputs[..., None] * suffix_w[..., :dim] + to_final[..., None] * g_w[:, None]
+    )
+    d_scores = (
+        ops.sum(values * d_values, axis=-1)
+        - to_outputs * suffix_w[..., dim]
+        + to_final * g_u[:, None]
+    )
+    d_values = ops.where(real[..., None], d_values, 0.0)
+    d_scores = ops.where(real, d_scores, 0.0)
+
+    has_start = u0 > 0
+    start_to_outputs = ops.exp(ops.where(has_start, m0 + suffix_m[:, 0], neg))  # (B, H)
+    start_to_final = ops.exp(ops.where(has_start, m0 - m_final, neg))
+    d_w0 = start_to_outputs[..., None] * suffix_w[:, 0, :, :dim] + start_to_final[..., None] * g_w
+    d_u0 = start_to_final * g_u - start_to_outputs * suffix_w[:, 0, :, dim]
+    d_m0 = ops.sum(w0 * d_w0, axis=-1) + u0 * d_u0
+    return d_scores, d_values, d_m0, d_u0, d_w0
 
 
 _TF_KERNELS = {}

@@ -158,6 +158,29 @@ def test_scan_gradients_match_naive(method, mask_kind, scores_kind, shape):
         assert_close(g, e, atol=1e-4, rtol=1e-4, what=f"d/d{name}")
 
 
+@pytest.mark.parametrize("scores_kind", SCORES[1:])
+@pytest.mark.parametrize("method", ["associative", "chunked"])
+def test_scan_gradients_match_naive_long(method, scores_kind):
+    # The chunked scan's closed-form backward runs a scan in reverse: ramps of ±10·i over a
+    # thousand tokens check that it keeps a per-token max there too.
+    batch, steps, heads, dim = 2, 1000, 2, 3
+    rng = np.random.default_rng(4)
+    scores = make_scores(scores_kind, batch, steps, heads, rng)
+    values = rng.normal(size=(batch, steps, heads, dim))
+    mask = make_mask("holes", batch, steps, rng)
+    state = make_state(batch, heads, dim, rng)
+    weights = (rng.normal(size=(batch, steps, heads, dim)), rng.normal(size=(batch, heads, dim)))
+
+    expected = gradients(lambda *a: _loss("naive", weights)(*a, mask), [scores, values, *state])
+    got = gradients(
+        lambda *a: _loss(method, f32(*weights))(*a, mask), list(f32(scores, values, *state))
+    )
+
+    for name, g, e in zip(["scores", "values", "m0", "u0", "w0"], got, expected):
+        assert np.all(np.isfinite(g)), name
+        assert_close(g, e, atol=1e-4, rtol=1e-4, what=f"d/d{name}")
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_zero_state_means_nothing_seen(method):
     # keras.layers.RNN.reset_state() writes zeros: that state must act as the identity, even for
