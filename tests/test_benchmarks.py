@@ -35,3 +35,49 @@ def test_layers_benchmark_smoke(tmp_path):
     assert set(record["median_ms"]) == {"aaren", "tfp_style", "mha_causal"}
     assert record["protocol"]["oracle_max_error"] < 1e-4
     assert (tmp_path / "layers.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
+def test_scan_benchmark_smoke(tmp_path):
+    from benchmarks import scan
+
+    status = scan.main(["--lengths", "8", "--repeats", "1", "--output-dir", str(tmp_path)])
+    assert status == 0
+    record = json.loads((tmp_path / "scan.json").read_text())
+    assert [row["caller"] for row in record["results"]] == [
+        "tf.function",
+        "tf.function(jit_compile=True)",
+    ]
+    assert record["protocol"]["oracle_max_error"] < 1e-4
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
+def test_memory_benchmark_smoke(tmp_path):
+    from benchmarks import memory
+
+    status = memory.main(
+        ["--lengths", "8", "--batch", "2", "--only", "aaren", "--output-dir", str(tmp_path)]
+    )
+    assert status == 0
+    record = json.loads((tmp_path / "memory.json").read_text())
+    assert record["peak_bytes"]["aaren"]["8"] >= 0
+    assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
+def test_streaming_benchmark_smoke(tmp_path):
+    from benchmarks import streaming
+
+    args = ["--tokens", "40", "--window", "8", "--width", "8", "--heads", "2", "--depth", "2"]
+    status = streaming.main([*args, "--output-dir", str(tmp_path)])
+    assert status == 0
+    record = json.loads((tmp_path / "streaming.json").read_text())
+    results = record["results"]
+    assert set(results) == {"aaren", "lstm", "transformer_kv"}
+    # The KV cache grows with the stream; the recurrent states do not.
+    assert (
+        results["transformer_kv"]["state_bytes_end"]
+        > results["transformer_kv"]["state_bytes_start"]
+    )
+    assert results["aaren"]["state_bytes_end"] == results["aaren"]["state_bytes_start"]
+    assert (tmp_path / "streaming.png").stat().st_size > 0

@@ -301,8 +301,7 @@ def _scan_chunked(scores, values, state, mask, chunk_size):
             if upstream is None:
                 upstream = args[0] if len(args) == 1 else args
             cotangents = [
-                ops.zeros_like(x) if g is None else g
-                for g, x in zip(upstream, (outputs, *final))
+                ops.zeros_like(x) if g is None else g for g, x in zip(upstream, (outputs, *final))
             ]
             return _chunked_backward(
                 scores, values, (m0, u0, w0), mask, chunk_size, total, outputs, cotangents
@@ -317,15 +316,16 @@ def _scan_chunked(scores, values, state, mask, chunk_size):
 def _chunked_backward(scores, values, start, mask, chunk_size, total, outputs, cotangents):
     """The gradient of the scan in closed form, as one more chunked scan, run in reverse.
 
-    With $L_k$ the log-sum-exp of the scores up to token k, $p_{ki} = e^{s_i - L_k}$ and the
-    output's cotangent $g_k$, the outputs contribute
+    With $L_k$ the log-sum-exp of the scores up to token k, $p_{ki} = e^{s_i - L_k}$ and
+    $g_k = \\partial \\ell / \\partial o_k$ for the loss $\\ell$, the outputs contribute
 
-    $$\frac{\partial \mathcal{L}}{\partial v_i} = \sum_{k \ge i} p_{ki}\, g_k, \qquad
-    \frac{\partial \mathcal{L}}{\partial s_i} = \sum_{k \ge i} p_{ki}\,(v_i - o_k) \cdot g_k,$$
+    $$\\frac{\\partial \\ell}{\\partial v_i} = \\sum_{k \\ge i} p_{ki}\\, g_k$$
 
-    suffix sums of $e^{-L_k} [g_k, o_k \cdot g_k]$ scaled by $e^{s_i}$: the forward scan over
-    the reversed sequence, with leaf scores $-m_k$ and values $[g_k, o_k \cdot g_k] / u_k$
-    ($L_k = m_k + \log u_k$, kept apart so that no large $m_k$ loses digits to a sum). The
+    $$\\frac{\\partial \\ell}{\\partial s_i} = \\sum_{k \\ge i} p_{ki} (v_i - o_k) \\cdot g_k$$
+
+    suffix sums of $e^{-L_k} [g_k, o_k \\cdot g_k]$ scaled by $e^{s_i}$: the forward scan over
+    the reversed sequence, with leaf scores $-m_k$ and values $[g_k, o_k \\cdot g_k] / u_k$
+    ($L_k = m_k + \\log u_k$, kept apart so that no large $m_k$ loses digits to a sum). The
     running max $m_k$ never decreases, so the reverse scan's max at token i is $-m_i$ and every
     factor $e^{s_i - m_i}$ is at most 1. The initial state is one more token in front, with mass
     $u_0 e^{m_0}$ and weighted sum $w_0 e^{m_0}$; the final state adds $e^{s_i - m_T}$ terms,
@@ -353,9 +353,7 @@ def _chunked_backward(scores, values, start, mask, chunk_size, total, outputs, c
     real = ops.ones_like(scores, dtype="bool") if mask is None else mask[:, :, None] & seen
     to_outputs = ops.exp(ops.where(real, scores + suffix_m, neg))  # (B, T, H)
     to_final = ops.exp(ops.where(real, scores - m_final[:, None], neg))
-    d_values = (
-        to_outputs[..., None] * suffix_w[..., :dim] + to_final[..., None] * g_w[:, None]
-    )
+    d_values = to_outputs[..., None] * suffix_w[..., :dim] + to_final[..., None] * g_w[:, None]
     d_scores = (
         ops.sum(values * d_values, axis=-1)
         - to_outputs * suffix_w[..., dim]

@@ -1,0 +1,101 @@
+"""The scan against the memory floor: `aaren_scan` forward beside one `tf.math.cumsum`.
+
+Run (the defaults are the issue's protocol: values of shape (8, T, 4, 16), float32):
+
+    python -m benchmarks.scan                          # T = 1024 ... 16384
+    python -m benchmarks.scan --lengths 4096 --repeats 5
+
+A cumulative sum over the values reads and writes the tensor once: it is the least a prefix
+reduction over them can cost. Both are timed inside a caller's `tf.function`, once without XLA
+(`aaren_scan` then runs its own XLA-compiled kernel, as it does for an eager call) and once with
+`jit_compile=True` (the scan is compiled inline with its caller). The table reports medians of
+`--repeats` runs and the ratio scan / cumsum, measured in the same run. It refuses to report if
+the scan does not match the naive softmax oracle first. Results go to `<output-dir>/scan.json`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import keras
+import numpy as np
+
+from benchmarks.layers import machine
+from keras_aaren.ops import aaren_attention_naive, aaren_scan
+
+
+def check_correctness():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(2, 300, 4)) * 5.0
+    values = rng.normal(size=(2, 300, 4, 16))
+    expected, _ = aaren_attention_naive(scores, values)
+    got, _ = aaren_scan(scores.astype("float32"), values.astype("float32"))
+    error = float(np.abs(keras.ops.convert_to_numpy(got) - np.asarray(expected)).max())
+    return error < 1e-4, error
+
+
+def median_ms(fn, args, repeats):
+    for _ in range(2):
+        fn(*args).numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args).numpy()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--value-dim", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--output-dir", default="outputs/benchmarks")
+    args = parser.parse_args(argv)
+    if keras.backend.backend() != "tensorflow":
+        sys.exit("benchmarks.scan measures the TensorFlow backend; set KERAS_BACKEND=tensorflow")
+    import tensorflow as tf
+
+    ok, error = check_correctness()
+    if not ok:
+        print(f"aaren_scan does not match its oracle (max error {error:.2e}): not reporting.")
+        return 1
+    results = []
+    for steps in args.lengths:
+        scores = tf.random.normal((args.batch, steps, args.heads))
+        values = tf.random.normal((args.batch, steps, args.heads, args.value_dim))
+        for xla in (False, True):
+            cumsum = tf.function(lambda v: tf.math.cumsum(v, axis=1), jit_compile=xla)
+            scan = tf.function(lambda s, v: aaren_scan(s, v)[0], jit_compile=xla)
+            row = {
+                "T": steps,
+                "caller": "tf.function(jit_compile=True)" if xla else "tf.function",
+                "cumsum_ms": median_ms(cumsum, (values,), args.repeats),
+                "scan_ms": median_ms(scan, (scores, values), args.repeats),
+            }
+            row["ratio"] = row["scan_ms"] / row["cumsum_ms"]
+            results.append(row)
+            print(
+                f"T={steps:6d} {row['caller']:32s} cumsum {row['cumsum_ms']:8.2f} ms   "
+                f"scan {row['scan_ms']:8.2f} ms   scan/cumsum {row['ratio']:5.2f}x",
+                flush=True,
+            )
+    os.makedirs(args.output_dir, exist_ok=True)
+    record = {
+        "protocol": vars(args) | {"oracle_max_error": error},
+        "machine": machine(),
+        "results": results,
+    }
+    with open(os.path.join(args.output_dir, "scan.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {args.output_dir}/scan.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Serving one token at a time: Aaren blocks against a KV-cache Transformer and an LSTM stack.
+
+Run (the defaults are the issue's protocol: 4 layers of width 64, 4 heads of 16, one stream):
+
+    python -m benchmarks.streaming                       # 16384 tokens
+    python -m benchmarks.streaming --tokens 2048         # a quick look
+
+Three models of the same width and depth serve one stream, a token per call, each call a
+`tf.function` traced once (no XLA) and each token's output fetched before the next is sent:
+
+* `aaren`: four `AarenBlock`s, served by `keras_aaren.streaming.make_step_function`; the state
+  is a fixed set of tensors;
+* `lstm`: four `keras.layers.LSTM` layers, served the same way;
+* `transformer_kv`: four post-norm causal self-attention blocks (the AarenBlock's layout, with
+  an input-dependent query) decoding with a KV cache: each token appends its keys and values and
+  attends over all of them, so its cost grows with the position.
+
+Reported per model: the median latency of the tokens in a window at the start of the stream
+and in the last window, the state (or cache) in bytes, and the process's resident memory as the
+stream goes. This reproduces the efficiency figure of Feng et al. (memory and cumulative time
+against tokens). Before timing it checks that stepping the Aaren model reproduces the parallel
+model; it refuses to report if not. Results go to `<output-dir>/streaming.json` and
+`<output-dir>/streaming.png`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import keras
+import numpy as np
+
+from benchmarks.layers import machine
+from keras_aaren import AarenBlock
+from keras_aaren.streaming import make_step_function
+
+
+def resident_bytes():
+    """The process's resident set size, from /proc (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def sequence_model(kind, width, heads, depth):
+    layers = [keras.Input((None, width))]
+    for _ in range(depth):
+        if kind == "aaren":
+            layers.append(AarenBlock(heads, width // heads))
+        else:
+            layers.append(keras.layers.LSTM(width, return_sequences=True))
+    return keras.Sequential(layers)
+
+
+class KerasStream:
+    """A Keras model served one token per call through `make_step_function`."""
+
+    def __init__(self, model):
+        self.step = make_step_function(model, batch_size=1)
+        self.reset()
+
+    def reset(self):
+        self.states = self.step.initial_states()
+
+    def state_bytes(self, tokens):
+        return sum(keras.ops.convert_to_numpy(s).nbytes for s in self.states)
+
+    def __call__(self, x):
+        y, self.states = self.step(x, self.states)
+        return keras.ops.convert_to_numpy(y)
+
+
+class KVCacheTransformer:
+    """Causal self-attention blocks decoding one token at a time with a key/value cache."""
+
+    def __init__(self, width, heads, depth, capacity, seed=0):
+        import tensorflow as tf
+
+        self.width, self.heads, self.depth = width, heads, depth
+        rng = np.random.default_rng(seed)
+
+        def weight(*shape):
+            return tf.constant(rng.normal(size=shape) / np.sqrt(shape[0]), tf.float32)
+
+        self.blocks = [
+            {
+                "qkv": weight(width, 3 * width),
+                "out": weight(width, width),
+                "ffn_in": weight(width, 4 * width),
+                "ffn_out": weight(4 * width, width),
+            }
+            for _ in range(depth)
+        ]
+        # The cache is allocated once at its capacity; a token at position t reads only the
+        # first t + 1 entries, as a growing cache would.
+        self.cache = tf.Variable(tf.zeros((depth, 2, capacity, heads, width // heads)))
+        self.position = tf.Variable(0)
+        self.step = tf.function(self._step)
+
+    def __call__(self, x):
+        return self.step(x).numpy()
+
+    def reset(self):
+        self.cache.assign(self.cache * 0.0)
+        self.position.assign(0)
+
+    def state_bytes(self, tokens):
+        return 2 * self.depth * tokens * self.width * 4
+
+    def _step(self, x):
+        import tensorflow as tf
+
+        heads, dim = self.heads, self.width // self.heads
+        t = self.position
+        for i, block in enumerate(self.blocks):
+            q, k, v = tf.split(tf.matmul(x, block["qkv"]), 3, axis=-1)
+            self.cache[i, 0, t].assign(tf.reshape(k, (heads, dim)))
+            self.cache[i, 1, t].assign(tf.reshape(v, (heads, dim)))
+            keys = self.cache[i, 0, : t + 1]  # (t + 1, H, D)
+            values = self.cache[i, 1, : t + 1]
+            logits = tf.einsum("hd,thd->ht", tf.reshape(q, (heads, dim)), keys) / dim**0.5
+            attended = tf.einsum("ht,thd->hd", tf.nn.softmax(logits, axis=-1), values)
+            x = _layer_norm(x + tf.matmul(tf.reshape(attended, (1, -1)), block["out"]))
+            ffn = tf.matmul(tf.nn.relu(tf.matmul(x, block["ffn_in"])), block["ffn_out"])
+            x = _layer_norm(x + ffn)
+        self.position.assign_add(1)
+        return x
+
+
+def _layer_norm(x):
+    import tensorflow as tf
+
+    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+    return (x - mean) * tf.math.rsqrt(variance + 1e-5)
+
+
+def check_correctness(width, heads):
+    model = sequence_model("aaren", width, heads, depth=2)
+    x = np.random.default_rng(0).normal(size=(1, 40, width)).astype("float32")
+    step = make_step_function(model, batch_size=1)
+    states = step.initial_states()
+    stepped = []
+    for t in range(x.shape[1]):
+        y, states = step(x[:, t], states)
+        stepped.append(keras.ops.convert_to_numpy(y))
+    error = float(np.abs(np.stack(stepped, axis=1) - keras.ops.convert_to_numpy(model(x))).max())
+    return error < 1e-4, error
+
+
+def stream(step_fn, tokens, width, seed=0):
+    """Per-token latency (s) and resident memory (bytes) while serving `tokens` tokens."""
+    xs = np.random.default_rng(seed).normal(size=(tokens, 1, width)).astype("float32")
+    latencies, resident = np.empty(tokens), np.empty(tokens)
+    for t in range(tokens):
+        start = time.perf_counter()
+        step_fn(xs[t])
+        latencies[t] = time.perf_counter() - start
+        resident[t] = resident_bytes()
+    return latencies, resident
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--window", type=int, default=64, help="tokens per latency window")
+    parser.add_argument("--output-dir", default="outputs/benchmarks")
+    args = parser.parse_args(argv)
+    if keras.backend.backend() != "tensorflow":
+        sys.exit("benchmarks.streaming measures the TensorFlow backend")
+    ok, error = check_correctness(args.width, args.heads)
+    if not ok:
+        print(f"stepping does not reproduce the parallel model ({error:.2e}): not reporting.")
+        return 1
+
+    runners = {
+        kind: KerasStream(sequence_model(kind, args.width, args.heads, args.depth))
+        for kind in ("aaren", "lstm")
+    }
+    runners["transformer_kv"] = KVCacheTransformer(
+        args.width, args.heads, args.depth, capacity=args.tokens
+    )
+
+    start_window = slice(16, 16 + args.window)
+    end_window = slice(args.tokens - args.window, args.tokens)
+    results = {}
+    for name, run in runners.items():
+        for _ in range(3):
+            run(np.zeros((1, args.width), "float32"))
+        run.reset()
+        latencies, resident = stream(run, args.tokens, args.width)
+        results[name] = {
+            "p50_start_ms": 1000 * statistics.median(latencies[start_window]),
+            "p50_end_ms": 1000 * statistics.median(latencies[end_window]),
+            "state_bytes_start": run.state_bytes(16),
+            "state_bytes_end": run.state_bytes(args.tokens),
+            "resident_mb_start": resident[16] / 2**20,
+            "resident_mb_end": resident[-1] / 2**20,
+            "cumulative_s": np.cumsum(latencies).tolist(),
+        }
+        row = results[name]
+        print(
+            f"{name:15s} p50 at token 16: {row['p50_start_ms']:6.3f} ms, at token "
+            f"{args.tokens}: {row['p50_end_ms']:6.3f} ms "
+            f"({row['p50_end_ms'] / row['p50_start_ms']:5.2f}x); state "
+            f"{row['state_bytes_start']} -> {row['state_bytes_end']} bytes; resident "
+            f"{row['resident_mb_start']:.0f} -> {row['resident_mb_end']:.0f} MiB",
+            flush=True,
+        )
+    ratio = results["aaren"]["p50_end_ms"] / results["lstm"]["p50_end_ms"]
+    print(f"aaren / lstm per-token latency at the end: {ratio:.2f}x")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "streaming.json"), "w") as f:
+        json.dump(
+            {
+                "protocol": vars(args) | {"stepping_max_error": error},
+                "machine": machine(),
+                "results": results,
+            },
+            f,
+        )
+    plot(results, runners, args, os.path.join(args.output_dir, "streaming.png"))
+    print(f"wrote {args.output_dir}/streaming.json and streaming.png")
+    return 0
+
+
+def plot(results, runners, args, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = np.arange(1, args.tokens + 1)
+    fig, (memory, elapsed) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, row in results.items():
+        sizes = [runners[name].state_bytes(t) for t in tokens]
+        memory.plot(tokens, np.asarray(sizes) / 2**10, label=name)
+        elapsed.plot(tokens, row["cumulative_s"], label=name)
+    memory.set_xlabel("tokens")
+    memory.set_ylabel("state / KV cache (KiB)")
+    memory.set_title("Memory")
+    elapsed.set_xlabel("tokens")
+    elapsed.set_ylabel("cumulative time (s)")
+    elapsed.set_title("Cumulative time")
+    for ax in (memory, elapsed):
+        ax.legend()
+    fig.suptitle(f"Streaming, {args.depth} layers of width {args.width}, one token per call")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
