@@ -4,6 +4,7 @@ Run (the defaults are the issue's protocol: 4 layers of width 64, 4 heads of 16,
 
     python -m benchmarks.streaming                       # 16384 tokens
     python -m benchmarks.streaming --tokens 2048         # a quick look
+    python -m benchmarks.streaming --xla                 # XLA for the aaren and lstm steps
 
 Three models of the same width and depth serve one stream, a token per call, each call a
 `tf.function` traced once (no XLA) and each token's output fetched before the next is sent:
@@ -13,7 +14,8 @@ Three models of the same width and depth serve one stream, a token per call, eac
 * `lstm`: four `keras.layers.LSTM` layers, served the same way;
 * `transformer_kv`: four post-norm causal self-attention blocks (the AarenBlock's layout, with
   an input-dependent query) decoding with a KV cache: each token appends its keys and values and
-  attends over all of them, so its cost grows with the position.
+  attends over all of them, so its cost grows with the position. It stays a plain `tf.function`
+  with `--xla` too: its reads grow by one entry per token, a shape XLA would recompile for.
 
 Reported per model: the median latency of the tokens in a window at the start of the stream
 and in the last window, the state (or cache) in bytes, and the process's resident memory as the
@@ -57,8 +59,8 @@ def sequence_model(kind, width, heads, depth):
 class KerasStream:
     """A Keras model served one token per call through `make_step_function`."""
 
-    def __init__(self, model):
-        self.step = make_step_function(model, batch_size=1)
+    def __init__(self, model, jit_compile=None):
+        self.step = make_step_function(model, batch_size=1, jit_compile=jit_compile)
         self.reset()
 
     def reset(self):
@@ -94,8 +96,12 @@ class KVCacheTransformer:
             for _ in range(depth)
         ]
         # The cache is allocated once at its capacity; a token at position t reads only the
-        # first t + 1 entries, as a growing cache would.
-        self.cache = tf.Variable(tf.zeros((depth, 2, capacity, heads, width // heads)))
+        # first t + 1 entries, as a growing cache would. One variable per layer and per keys or
+        # values: a write into a variable that an earlier read still aliases copies all of it.
+        self.cache = [
+            [tf.Variable(tf.zeros((capacity, heads, width // heads))) for _ in range(2)]
+            for _ in range(depth)
+        ]
         self.position = tf.Variable(0)
         self.step = tf.function(self._step)
 
@@ -103,7 +109,10 @@ class KVCacheTransformer:
         return self.step(x).numpy()
 
     def reset(self):
-        self.cache.assign(self.cache * 0.0)
+        import tensorflow as tf
+
+        for variable in (v for layer in self.cache for v in layer):
+            variable.assign(tf.zeros_like(variable))
         self.position.assign(0)
 
     def state_bytes(self, tokens):
@@ -116,10 +125,11 @@ class KVCacheTransformer:
         t = self.position
         for i, block in enumerate(self.blocks):
             q, k, v = tf.split(tf.matmul(x, block["qkv"]), 3, axis=-1)
-            self.cache[i, 0, t].assign(tf.reshape(k, (heads, dim)))
-            self.cache[i, 1, t].assign(tf.reshape(v, (heads, dim)))
-            keys = self.cache[i, 0, : t + 1]  # (t + 1, H, D)
-            values = self.cache[i, 1, : t + 1]
+            key_cache, value_cache = self.cache[i]
+            key_cache[t].assign(tf.reshape(k, (heads, dim)))
+            value_cache[t].assign(tf.reshape(v, (heads, dim)))
+            keys = key_cache[: t + 1]  # (t + 1, H, D)
+            values = value_cache[: t + 1]
             logits = tf.einsum("hd,thd->ht", tf.reshape(q, (heads, dim)), keys) / dim**0.5
             attended = tf.einsum("ht,thd->hd", tf.nn.softmax(logits, axis=-1), values)
             x = _layer_norm(x + tf.matmul(tf.reshape(attended, (1, -1)), block["out"]))
@@ -168,6 +178,9 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--window", type=int, default=64, help="tokens per latency window")
+    parser.add_argument(
+        "--xla", action="store_true", help="compile the aaren and lstm steps with XLA"
+    )
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
     if keras.backend.backend() != "tensorflow":
@@ -178,7 +191,9 @@ def main(argv=None):
         return 1
 
     runners = {
-        kind: KerasStream(sequence_model(kind, args.width, args.heads, args.depth))
+        kind: KerasStream(
+            sequence_model(kind, args.width, args.heads, args.depth), jit_compile=args.xla or None
+        )
         for kind in ("aaren", "lstm")
     }
     runners["transformer_kv"] = KVCacheTransformer(
@@ -249,7 +264,10 @@ def plot(results, runners, args, path):
     elapsed.set_title("Cumulative time")
     for ax in (memory, elapsed):
         ax.legend()
-    fig.suptitle(f"Streaming, {args.depth} layers of width {args.width}, one token per call")
+    compiled = "XLA for aaren and lstm" if args.xla else "tf.function"
+    fig.suptitle(
+        f"Streaming, {args.depth} layers of width {args.width}, one token per call ({compiled})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
