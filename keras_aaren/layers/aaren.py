@@ -17,6 +17,7 @@ from keras_aaren.layers.base import (
     check_token_shape,
 )
 from keras_aaren.ops import aaren_scan, aaren_step
+from keras_aaren.ops.scan import scan_dtype
 
 _INITIALIZERS = ("kernel_initializer", "bias_initializer", "query_initializer")
 _REGULARIZERS = ("kernel_regularizer", "bias_regularizer", "query_regularizer")
@@ -145,56 +146,73 @@ class AarenCell(keras.layers.Layer):
         self.input_dim = int(input_shape[-1])
         heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
         output_dim = self.output_size
-        self.query = self._weight("query", (self.input_dim,), "query")
-        self.query_kernel = self._weight("query_kernel", (self.input_dim, heads, key_dim))
-        self.key_kernel = self._weight("key_kernel", (self.input_dim, heads, key_dim))
+        # The weights that make the scores stay in their own dtype under mixed precision (no
+        # autocast): `project` computes the scores in float32, see there.
+        self.query = self._weight("query", (self.input_dim,), "query", autocast=False)
+        self.query_kernel = self._weight(
+            "query_kernel", (self.input_dim, heads, key_dim), autocast=False
+        )
+        self.key_kernel = self._weight(
+            "key_kernel", (self.input_dim, heads, key_dim), autocast=False
+        )
         self.value_kernel = self._weight("value_kernel", (self.input_dim, heads, value_dim))
         self.output_kernel = self._weight("output_kernel", (heads, value_dim, output_dim))
         if self.use_bias:
-            self.query_bias = self._weight("query_bias", (heads, key_dim), "bias")
-            self.key_bias = self._weight("key_bias", (heads, key_dim), "bias")
+            self.query_bias = self._weight("query_bias", (heads, key_dim), "bias", autocast=False)
+            self.key_bias = self._weight("key_bias", (heads, key_dim), "bias", autocast=False)
             self.value_bias = self._weight("value_bias", (heads, value_dim), "bias")
             self.output_bias = self._weight("output_bias", (output_dim,), "bias")
         else:
             self.query_bias = self.key_bias = self.value_bias = self.output_bias = None
         self.built = True
 
-    def _weight(self, name, shape, kind="kernel"):
+    def _weight(self, name, shape, kind="kernel", autocast=True):
         return self.add_weight(
             name=name,
             shape=shape,
             initializer=getattr(self, f"{kind}_initializer"),
             regularizer=getattr(self, f"{kind}_regularizer"),
             constraint=getattr(self, f"{kind}_constraint"),
+            autocast=autocast,
         )
 
     def project(self, inputs):
         """Scores and values of tokens: `(..., F)` -> `(..., H)` and `(..., H, D)`."""
         heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
+        # Scores are exponentiated, so they are computed in float32 even under mixed precision:
+        # bfloat16 would move a score of 100 by up to 0.4, and its weight by 40%.
+        score_dtype = scan_dtype(inputs.dtype)
         query = ops.matmul(
-            self.query[None], ops.reshape(self.query_kernel, (self.input_dim, -1))
+            ops.cast(self.query[None], score_dtype),
+            ops.cast(ops.reshape(self.query_kernel, (self.input_dim, -1)), score_dtype),
         )  # (1, H * K)
         if self.use_bias:
-            query = query + ops.reshape(self.query_bias, (-1,))
+            query = query + ops.cast(ops.reshape(self.query_bias, (-1,)), score_dtype)
         query = ops.reshape(query, (heads, key_dim)) / math.sqrt(key_dim)
         # The query is one vector per head, so q . (x W_k + b_k) = x (W_k q) + b_k . q: fold it
-        # into the key kernel and get the scores from the same matmul as the values, without
-        # ever forming the keys.
-        score_kernel = ops.sum(self.key_kernel * query, axis=-1)  # (F, H)
-        kernel = ops.concatenate(
-            [score_kernel, ops.reshape(self.value_kernel, (self.input_dim, -1))], axis=-1
-        )
-        # A plain matmul: TensorFlow differentiates an einsum with "..." through a large
-        # broadcast intermediate, about 10x slower here.
-        projected = ops.matmul(inputs, kernel)  # (..., H + H * D)
+        # into the key kernel, and never form the keys.
+        score_kernel = ops.sum(ops.cast(self.key_kernel, score_dtype) * query, axis=-1)  # (F, H)
+        score_bias = None
         if self.use_bias:
-            score_bias = ops.sum(self.key_bias * query, axis=-1)
-            projected = projected + ops.concatenate(
-                [score_bias, ops.reshape(self.value_bias, (-1,))], axis=-1
-            )
+            score_bias = ops.sum(ops.cast(self.key_bias, score_dtype) * query, axis=-1)
+        value_kernel = ops.reshape(self.value_kernel, (self.input_dim, -1))
+        value_bias = ops.reshape(self.value_bias, (-1,)) if self.use_bias else None
         lead = tuple(ops.shape(inputs)[:-1])
-        scores = projected[..., :heads]
-        return scores, ops.reshape(projected[..., heads:], lead + (heads, value_dim))
+        # Plain matmuls: TensorFlow differentiates an einsum with "..." through a large
+        # broadcast intermediate, about 10x slower here.
+        if keras.backend.standardize_dtype(inputs.dtype) == score_dtype:
+            # One matmul gives the scores and the values together.
+            projected = ops.matmul(inputs, ops.concatenate([score_kernel, value_kernel], -1))
+            if self.use_bias:
+                projected = projected + ops.concatenate([score_bias, value_bias], -1)
+            scores, values = projected[..., :heads], projected[..., heads:]
+        else:
+            scores = ops.matmul(ops.cast(inputs, score_dtype), score_kernel)
+            values = ops.matmul(inputs, value_kernel)
+            if self.use_bias:
+                scores = scores + score_bias
+                values = values + value_bias
+        return scores, ops.reshape(values, lead + (heads, value_dim))
 
     def output_projection(self, attended):
         """The output of attended values: `(..., H, D)` -> `(..., O)`."""
