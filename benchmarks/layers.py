@@ -122,7 +122,8 @@ def check_correctness():
     return ok, float(max(np.abs(parallel - stepped).max(), np.abs(parallel - oracle).max()))
 
 
-def time_layer(make_layer, batch, steps, width, repeats, xla):
+def train_step_on(make_layer, batch, steps, width, xla=False):
+    """A layer, its input, and the compiled step: output, sum-of-squares loss, gradients."""
     import tensorflow as tf
 
     layer = make_layer()
@@ -136,12 +137,20 @@ def time_layer(make_layer, batch, steps, width, repeats, xla):
             loss = tf.reduce_sum(tf.square(layer(x)))
         return tape.gradient(loss, [x, *layer.trainable_variables])
 
+    def run():
+        return [g.numpy() for g in train_step(x)]
+
+    return run
+
+
+def time_layer(make_layer, batch, steps, width, repeats, xla):
+    run = train_step_on(make_layer, batch, steps, width, xla)
     for _ in range(2):
-        tf.nest.map_structure(lambda t: t.numpy(), train_step(x))
+        run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy(), train_step(x))
+        run()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -203,6 +212,17 @@ def main(argv=None):
 
 
 def plot(results, path, args):
+    compile_mode = "XLA" if args.xla else "tf.function"
+    plot_against_length(
+        results,
+        path,
+        "forward+backward, ms (median)",
+        f"One layer, batch {args.batch}, {args.heads} heads of {args.key_dim} ({compile_mode})",
+    )
+
+
+def plot_against_length(results, path, ylabel, title):
+    """`{contender: {T: value}}` as one log-log line per contender, saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,11 +235,8 @@ def plot(results, path, args):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T")
-    ax.set_ylabel("forward+backward, ms (median)")
-    compile_mode = "XLA" if args.xla else "tf.function"
-    ax.set_title(
-        f"One layer, batch {args.batch}, {args.heads} heads of {args.key_dim} ({compile_mode})"
-    )
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

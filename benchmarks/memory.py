@@ -21,40 +21,37 @@ import os
 import subprocess
 import sys
 
-from benchmarks.layers import MAX_LENGTH, check_correctness, contenders, machine
+from benchmarks.layers import (
+    MAX_LENGTH,
+    check_correctness,
+    contenders,
+    machine,
+    plot_against_length,
+    train_step_on,
+)
 
 CONTENDERS = ("aaren", "tfp_style", "mha_causal", "lstm")
 
 
-def _status_kib(field):
+def status_bytes(field):
+    """A memory field of /proc/self/status (Linux), such as VmRSS or VmHWM, in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1])
+                return 1024 * int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure(name, steps, batch, heads, key_dim):
     """Peak bytes above the starting resident size during one compiled forward+backward."""
-    import tensorflow as tf
-
-    layer = contenders(heads, key_dim, heads * key_dim)[name]()
-    x = tf.random.normal((batch, steps, heads * key_dim))
-    layer(x[:, :2])
-
-    @tf.function
-    def train_step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.square(layer(x)))
-        return tape.gradient(loss, [x, *layer.trainable_variables])
-
-    tf.nest.map_structure(lambda t: t.numpy(), train_step(x))
-    before = _status_kib("VmRSS")
+    make_layer = contenders(heads, key_dim, heads * key_dim)[name]
+    run = train_step_on(make_layer, batch, steps, heads * key_dim)
+    run()
+    before = status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    tf.nest.map_structure(lambda t: t.numpy(), train_step(x))
-    return 1024 * (_status_kib("VmHWM") - before)
+    run()
+    return status_bytes("VmHWM") - before
 
 
 def main(argv=None):
@@ -117,26 +114,12 @@ def main(argv=None):
 
 
 def plot(results, args, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, row in results.items():
-        lengths = sorted(row)
-        ax.plot(lengths, [row[t] / 2**20 for t in lengths], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length T")
-    ax.set_ylabel("peak working memory, MiB")
-    ax.set_title(
-        f"One layer, forward+backward, batch {args.batch}, width {args.heads * args.key_dim}"
+    plot_against_length(
+        {name: {t: peak / 2**20 for t, peak in row.items()} for name, row in results.items()},
+        path,
+        "peak working memory, MiB",
+        f"One layer, forward+backward, batch {args.batch}, width {args.heads * args.key_dim}",
     )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

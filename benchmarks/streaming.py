@@ -36,14 +36,9 @@ import keras
 import numpy as np
 
 from benchmarks.layers import machine
+from benchmarks.memory import status_bytes
 from keras_aaren import AarenBlock
 from keras_aaren.streaming import make_step_function
-
-
-def resident_bytes():
-    """The process's resident set size, from /proc (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def sequence_model(kind, width, heads, depth):
@@ -167,7 +162,7 @@ def stream(step_fn, tokens, width, seed=0):
         start = time.perf_counter()
         step_fn(xs[t])
         latencies[t] = time.perf_counter() - start
-        resident[t] = resident_bytes()
+        resident[t] = status_bytes("VmRSS")
     return latencies, resident
 
 
