@@ -35,3 +35,143 @@ def test_streaming_co2_quick(tmp_path):
     # levels near 350, so float32 rounding of the level is ~2e-5).
     assert result["max_diff"] < 1e-3
     assert len(result["state_sizes"]) == 1
+
+
+def test_baselines_ignore_padding():
+    # Padding a sequence at the end must not change any model's summary of it: the Transformer's
+    # padding mask, the Aaren and LSTM masks, and the masked mean all have to hold.
+    import baselines
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sequences = [rng.normal(size=(n, 3)).astype("float32") for n in (5, 9)]
+    padded = baselines.pad(sequences)
+    assert padded.shape == (2, 9, 3) and (padded[0, 5:] == baselines.PAD).all()
+    for kind in baselines.MODELS:
+        inputs = keras.Input((None, 3))
+        model = keras.Model(inputs, baselines.encoder(inputs, kind, depth=2))
+        alone = model.predict(sequences[0][None], verbose=0)[0]
+        batched = model.predict(padded, verbose=0)[0]
+        np.testing.assert_allclose(batched, alone, atol=1e-5, err_msg=kind)
+
+
+def test_uea_classification_quick(tmp_path):
+    pytest.importorskip("aeon")
+    example = load_example("uea_classification")
+    result = example.main(["--quick", "--output-dir", str(tmp_path)])
+    assert {row["model"] for row in result["results"]} == {"aaren", "transformer", "lstm"}
+    assert all(0.0 <= row["accuracies"][0] <= 1.0 for row in result["results"])
+    assert os.path.getsize(result["plot"]) > 0
+    assert "| JapaneseVowels | aaren |" in open(result["table"]).read()
+
+
+def test_uea_classification_pads_variable_lengths():
+    pytest.importorskip("aeon")
+    import baselines
+    import numpy as np
+    from aeon.datasets import load_classification
+
+    example = load_example("uea_classification")
+    data, classes = example.load("JapaneseVowels")
+    raw, _ = load_classification("JapaneseVowels", split="train")
+    x, y = data["train"]
+    # Every case keeps all of its timesteps (no truncation), followed by padding only.
+    real = (x != baselines.PAD).all(axis=-1)
+    np.testing.assert_array_equal(real.sum(axis=1), [case.shape[1] for case in raw])
+    assert x.shape == (len(raw), max(case.shape[1] for case in raw), 12)
+    assert sorted(set(y)) == list(range(len(classes))) == list(range(9))
+
+
+def test_forecasting_quick(tmp_path):
+    pytest.importorskip("statsmodels")
+    example = load_example("forecasting")
+    result = example.main(["--quick", "--output-dir", str(tmp_path)])
+    models = [row["model"] for row in result["results"]]
+    assert models == ["seasonal naive", "aaren", "transformer", "lstm"]
+    assert all(len(row["mse"][0]) == 11 for row in result["results"])
+    assert os.path.getsize(result["plot"]) > 0
+
+
+def test_forecasting_windows_and_seasonal_naive():
+    pytest.importorskip("statsmodels")
+    import numpy as np
+
+    example = load_example("forecasting")
+    series = np.arange(40, dtype="float32") ** 2
+    inputs, targets = example.make_windows(series, 4, 3, [10, 20], scale=2.0)
+    # Relative to the last observed value (index 9 for origin 10), divided by the scale.
+    np.testing.assert_allclose(inputs[0, :, 0], (series[6:10] - series[9]) / 2)
+    np.testing.assert_allclose(targets[1], (series[20:23] - series[19]) / 2)
+    naive = example.seasonal_naive(series, [20], horizon=7, season=3, scale=1.0)
+    # Step h (0-based) of a forecast from origin 20 repeats the value one season earlier, or two
+    # seasons earlier once the first season is past: 20+h-3 for h<3, 20+h-6 for 3<=h<6, ...
+    expected = [series[20 + h - 3 * (h // 3 + 1)] - series[19] for h in range(7)]
+    np.testing.assert_allclose(naive[0], expected)
+
+
+def test_event_forecasting_quick(tmp_path):
+    example = load_example("event_forecasting")
+    result = example.main(["--quick", "--output-dir", str(tmp_path)])
+    rows = {row["model"]: row for row in result["results"]}
+    assert set(rows) == {"true process", "aaren", "transformer", "lstm"}
+    import numpy as np
+
+    assert all(np.isfinite(row["log_likelihood"]).all() for row in rows.values())
+    assert os.path.getsize(result["plot"]) > 0
+
+
+def test_hawkes_simulation_rate_and_density():
+    import numpy as np
+    from scipy import integrate
+
+    example = load_example("event_forecasting")
+    rng = np.random.default_rng(0)
+    sequences = [example.simulate_hawkes(rng) for _ in range(200)]
+    # A stationary Hawkes process has mean rates (I - alpha)^-1 mu; the start from an empty
+    # history lowers the count a little, hence the loose bound.
+    rates = np.linalg.solve(np.eye(3) - example.ALPHA, example.MU)
+    counts = np.array([np.bincount(types, minlength=3) for _, types in sequences]).mean(0)
+    np.testing.assert_allclose(counts / example.DURATION, rates, rtol=0.1)
+
+    # The true conditional density of the next event, summed over types and integrated over its
+    # time, is one.
+    times, types = sequences[0]
+    history_t, history_k = times[:5], types[:5]
+
+    def density(gap, kind):
+        t = np.append(history_t, history_t[-1] + gap)
+        k = np.append(history_k, kind)
+        time_part, type_part = example.true_log_likelihood(t, k)
+        return np.exp(time_part[-1] + type_part[-1])
+
+    total = sum(integrate.quad(density, 0, np.inf, args=(kind,))[0] for kind in range(3))
+    assert abs(total - 1) < 1e-6
+
+
+def test_event_forecasting_model_density_normalizes():
+    import keras
+    import numpy as np
+    from scipy import integrate
+
+    example = load_example("event_forecasting")
+    rng = np.random.default_rng(0)
+    y_pred = rng.normal(size=(1, 1, 3 * example.COMPONENTS + example.NUM_TYPES))
+
+    def density(gap, kind):
+        y = np.array([[[gap, kind]]])
+        time_part, type_part = example.log_likelihood(y, y_pred, example.numpy_ops)
+        return np.exp(time_part + type_part)[0, 0]
+
+    total = sum(integrate.quad(density, 0, np.inf, args=(kind,), limit=200)[0] for kind in range(3))
+    assert abs(total - 1) < 1e-5
+    # The Keras-ops loss computes the same numbers as the NumPy evaluation.
+    y = np.array([[[0.7, 2.0]]])
+    expected = -sum(example.log_likelihood(y, y_pred, example.numpy_ops))
+    got = keras.ops.convert_to_numpy(
+        example.negative_log_likelihood(y.astype("float32"), y_pred.astype("float32"))
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # The predicted mean gap is the mean of that density.
+    mean = integrate.quad(lambda g: g * sum(density(g, k) for k in range(3)), 0, np.inf, limit=200)
+    np.testing.assert_allclose(example.predicted_mean_gap(y_pred)[0, 0], mean[0], rtol=1e-4)

@@ -1,0 +1,146 @@
+"""The three sequence encoders every example compares, at the same width and depth.
+
+* `"aaren"`: a stack of `AarenBlock`s (Aaren attention + feed-forward, post-norm). Causal by
+  construction; its summary of a sequence is the last block's output at the last real token.
+* `"transformer"`: the same blocks with `keras.layers.MultiHeadAttention` in place of Aaren and
+  sinusoidal position encodings added to the input (attention alone ignores order). Bidirectional
+  for whole-sequence tasks, causal (`use_causal_mask=True`) for next-event prediction; its summary
+  of a sequence is the masked mean over tokens, as in the keras.io time-series Transformer.
+* `"lstm"`: a stack of `keras.layers.LSTM`s; its summary is the last state.
+
+Each starts with a `Dense` projection to the model width, so all three see the same features.
+Padded timesteps are marked with `PAD` in the inputs; a `keras.layers.Masking` layer turns them
+into a Keras mask that every layer here honours.
+
+Shape letters used in this module: B batch, T timesteps, F model width.
+"""
+
+import math
+
+import keras
+import numpy as np
+
+from keras_aaren import AarenBlock
+
+MODELS = ("aaren", "transformer", "lstm")
+
+# The value padded timesteps carry. The inputs are standardized, so no real reading comes near it.
+PAD = -1e4
+
+
+@keras.saving.register_keras_serializable(package="examples")
+class SinePositionEncoding(keras.layers.Layer):
+    """Adds the sinusoidal position encoding of Vaswani et al. (2017) to `(B, T, F)` inputs."""
+
+    def __init__(self, max_wavelength=10000, **kwargs):
+        super().__init__(**kwargs)
+        self.max_wavelength = max_wavelength
+        self.supports_masking = True
+
+    def call(self, inputs):
+        timesteps = keras.ops.shape(inputs)[1]
+        width = inputs.shape[-1]
+        positions = keras.ops.cast(keras.ops.arange(timesteps), "float32")[:, None]
+        # Even features get sines, odd features cosines, at geometrically spaced frequencies.
+        frequencies = keras.ops.exp(
+            keras.ops.cast(2 * (keras.ops.arange(width) // 2), "float32")
+            * (-math.log(self.max_wavelength) / width)
+        )
+        angles = positions * frequencies[None, :]
+        is_even = keras.ops.arange(width) % 2 == 0
+        encoding = keras.ops.where(is_even[None, :], keras.ops.sin(angles), keras.ops.cos(angles))
+        return inputs + keras.ops.cast(encoding, inputs.dtype)[None]
+
+    def get_config(self):
+        return {**super().get_config(), "max_wavelength": self.max_wavelength}
+
+
+@keras.saving.register_keras_serializable(package="examples")
+class AttentionMask(keras.layers.Layer):
+    """`(B, T, T)` boolean: query and key are both real (not `PAD`) timesteps."""
+
+    def call(self, inputs):
+        real = keras.ops.any(keras.ops.not_equal(inputs, PAD), axis=-1)  # (B, T)
+        return keras.ops.logical_and(real[:, :, None], real[:, None, :])
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[1], input_shape[1])
+
+
+def transformer_block(x, padding_mask, num_heads, key_dim, ffn_dim, dropout, causal, name):
+    # Post-norm, like AarenBlock's default, so that attention is the only difference.
+    width = x.shape[-1]
+    # The padding mask goes in explicitly: with masks only propagated (Keras 3.15), the second of
+    # two stacked MultiHeadAttention blocks attended to padded timesteps.
+    attended = keras.layers.MultiHeadAttention(
+        num_heads, key_dim, dropout=0.0, name=f"{name}_attention"
+    )(x, x, attention_mask=padding_mask, use_causal_mask=causal)
+    attended = keras.layers.Dropout(dropout)(attended)
+    x = keras.layers.LayerNormalization(epsilon=1e-5)(keras.layers.Add()([x, attended]))
+    hidden = keras.layers.Dense(ffn_dim, activation="relu")(x)
+    hidden = keras.layers.Dropout(dropout)(keras.layers.Dense(width)(hidden))
+    return keras.layers.LayerNormalization(epsilon=1e-5)(keras.layers.Add()([x, hidden]))
+
+
+def encoder(
+    inputs,
+    kind,
+    width=64,
+    depth=2,
+    num_heads=4,
+    dropout=0.1,
+    summarize=True,
+    causal=False,
+):
+    """Encodes `inputs` (B, T, features) with the model `kind`, one of `MODELS`.
+
+    Returns `(B, F)` when `summarize`, else `(B, T, F)`. `causal` only matters for the
+    Transformer: Aaren and the LSTM never see the future.
+    """
+    if kind not in MODELS:
+        raise ValueError(f"`kind` must be one of {MODELS}. Received: kind={kind!r}")
+    key_dim = width // num_heads
+    x = keras.layers.Masking(mask_value=PAD)(inputs)
+    x = keras.layers.Dense(width, name="input_projection")(x)
+    if kind == "aaren":
+        for i in range(depth):
+            last = summarize and i == depth - 1
+            x = AarenBlock(
+                num_heads,
+                key_dim,
+                ffn_dim=2 * width,
+                dropout=dropout,
+                return_sequences=not last,
+                name=f"aaren_block_{i + 1}",
+            )(x)
+        return x
+    if kind == "lstm":
+        for i in range(depth):
+            last = summarize and i == depth - 1
+            x = keras.layers.LSTM(width, return_sequences=not last, name=f"lstm_{i + 1}")(x)
+            x = keras.layers.Dropout(dropout)(x)
+        return x
+    x = SinePositionEncoding()(x)
+    padding_mask = AttentionMask()(inputs)
+    for i in range(depth):
+        x = transformer_block(
+            x,
+            padding_mask,
+            num_heads,
+            key_dim,
+            2 * width,
+            dropout,
+            causal,
+            name=f"transformer_block_{i + 1}",
+        )
+    return keras.layers.GlobalAveragePooling1D()(x) if summarize else x
+
+
+def pad(sequences):
+    """Pads a list of `(timesteps, features)` arrays at the end with `PAD` to `(B, T, features)`."""
+    return keras.utils.pad_sequences(sequences, padding="post", dtype="float32", value=PAD)
+
+
+def mean_std(values):
+    """`"mean ± std"` of a list of numbers, as the results tables print them."""
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
