@@ -128,7 +128,8 @@ def make_data(num_sequences, seed=1234):
 def split_parameters(outputs):
     """Mixture logits, means and log scales of log(time) `(..., M)` each, type logits `(..., K)`."""
     m = COMPONENTS
-    return outputs[..., :m], outputs[..., m : 2 * m], outputs[..., 2 * m : 3 * m], outputs[..., 3 * m :]
+    logits, means, log_scales = (outputs[..., i * m : (i + 1) * m] for i in range(3))
+    return logits, means, log_scales, outputs[..., 3 * m :]
 
 
 def log_likelihood(y_true, y_pred, ops=keras.ops):
@@ -141,9 +142,7 @@ def log_likelihood(y_true, y_pred, ops=keras.ops):
     log_scales = ops.clip(log_scales, *LOG_SCALE_RANGE)
     # log-normal mixture: log sum_m w_m N(log t; mu_m, sigma_m) - log t
     log_normal = (
-        -0.5 * ((log_gap - means) / ops.exp(log_scales)) ** 2
-        - log_scales
-        - 0.5 * np.log(2 * np.pi)
+        -0.5 * ((log_gap - means) / ops.exp(log_scales)) ** 2 - log_scales - 0.5 * np.log(2 * np.pi)
     )
     log_weights = logits - ops.logsumexp(logits, axis=-1, keepdims=True)
     time_part = ops.logsumexp(log_weights + log_normal, axis=-1) - log_gap[..., 0]
@@ -179,7 +178,8 @@ def predicted_mean_gap(y_pred):
     """The mean of the predicted log-normal mixture: sum_m w_m exp(mu_m + sigma_m^2 / 2)."""
     logits, means, log_scales, _ = split_parameters(y_pred)
     weights = np.exp(logits - numpy_ops.logsumexp(logits, -1, keepdims=True))
-    return np.sum(weights * np.exp(means + 0.5 * np.exp(2 * np.clip(log_scales, *LOG_SCALE_RANGE))), -1)
+    variances = np.exp(2 * np.clip(log_scales, *LOG_SCALE_RANGE))
+    return np.sum(weights * np.exp(means + 0.5 * variances), -1)
 
 
 def build(kind):
@@ -226,7 +226,8 @@ def run_one(kind, train, test, seed, args):
     )
     seconds = time.perf_counter() - start
     y_pred = model.predict(test[0], batch_size=256, verbose=0)
-    return {**evaluate(y_pred, test[1], test[2]), "seconds": seconds, "params": model.count_params()}
+    metrics = evaluate(y_pred, test[1], test[2])
+    return {**metrics, "seconds": seconds, "params": model.count_params()}
 
 
 def main(argv=None):

@@ -174,7 +174,7 @@ def plot(results, path):
     width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(1.8 * len(datasets) + 2, 3.8))
     for j, kind in enumerate(models):
-        rows = [next(r for r in results if r["dataset"] == d and r["model"] == kind) for d in datasets]
+        rows = [r for d in datasets for r in results if r["dataset"] == d and r["model"] == kind]
         ax.bar(
             np.arange(len(datasets)) + (j - (len(models) - 1) / 2) * width,
             [np.mean(r["accuracies"]) for r in rows],

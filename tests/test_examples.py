@@ -40,9 +40,10 @@ def test_streaming_co2_quick(tmp_path):
 def test_baselines_ignore_padding():
     # Padding a sequence at the end must not change any model's summary of it: the Transformer's
     # padding mask, the Aaren and LSTM masks, and the masked mean all have to hold.
-    import baselines
     import keras
     import numpy as np
+
+    import baselines
 
     rng = np.random.default_rng(0)
     sequences = [rng.normal(size=(n, 3)).astype("float32") for n in (5, 9)]
@@ -68,9 +69,10 @@ def test_uea_classification_quick(tmp_path):
 
 def test_uea_classification_pads_variable_lengths():
     pytest.importorskip("aeon")
-    import baselines
     import numpy as np
     from aeon.datasets import load_classification
+
+    import baselines
 
     example = load_example("uea_classification")
     data, classes = example.load("JapaneseVowels")
