@@ -215,6 +215,17 @@ def get_states(model):
 
     Raises:
         ValueError: if `model` is not a Keras model or layer.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_aaren import Aaren
+    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, name="aaren")])
+    >>> streaming = to_streaming(model, batch_size=5)
+    >>> _ = streaming(np.ones((5, 7, 3), "float32"))
+    >>> {path: [a.shape for a in arrays] for path, arrays in get_states(streaming).items()}
+    {'aaren': [(5, 2), (5, 2), (5, 8)]}
     """
     _check_layer("model", model)
     return {
@@ -230,9 +241,27 @@ def set_states(model, states):
         model: a model with stateful layers.
         states: dict `{layer path: [state arrays]}`.
 
+    Returns:
+        None; the model's state variables hold the new values.
+
     Raises:
         ValueError: if the layer paths differ from the model's (a state from another model), or
             an array's shape differs from the layer's state (e.g. another batch size).
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_aaren import Aaren
+    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, name="aaren")])
+    >>> streaming = to_streaming(model, batch_size=1)
+    >>> x = np.random.rand(1, 8, 3).astype("float32")
+    >>> _ = streaming(x[:, :5])
+    >>> saved = get_states(streaming)
+    >>> first = streaming(x[:, 5:])
+    >>> set_states(streaming, saved)  # rewind to after token 5
+    >>> bool(np.allclose(streaming(x[:, 5:]), first))
+    True
     """
     _check_layer("model", model)
     layers = dict(_stateful_layers(model))
@@ -269,6 +298,19 @@ def save_states(model, path):
 
     Returns:
         The path written.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_aaren import Aaren
+    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
+    >>> streaming = to_streaming(model, batch_size=1)
+    >>> _ = streaming(np.ones((1, 4, 3), "float32"))
+    >>> path = save_states(streaming, os.path.join(tempfile.mkdtemp(), "stream"))
+    >>> os.path.basename(path)
+    'stream.npz'
     """
     arrays = {}
     for layer_path, values in get_states(model).items():
@@ -286,8 +328,28 @@ def load_states(model, path):
         model: a model with the same stateful layers and batch size as the one saved.
         path: the `.npz` file.
 
+    Returns:
+        None; the model's state variables hold the loaded values.
+
     Raises:
         ValueError: if the file holds the state of another model or of another batch size.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_aaren import Aaren
+    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
+    >>> streaming = to_streaming(model, batch_size=1)
+    >>> x = np.random.rand(1, 9, 3).astype("float32")
+    >>> _ = streaming(x[:, :6])
+    >>> path = save_states(streaming, os.path.join(tempfile.mkdtemp(), "stream.npz"))
+    >>> reset_states(streaming)  # e.g. the process restarts
+    1
+    >>> load_states(streaming, path)
+    >>> bool(np.allclose(streaming(x[:, 6:]), model(x), atol=1e-5))
+    True
     """
     states = {}
     with np.load(str(path)) as data:
@@ -353,6 +415,20 @@ def make_step_model(model, batch_size):
 
     Raises:
         ValueError: as `to_streaming`, or for nested models and multiple outputs.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_aaren import Aaren
+    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
+    >>> step_model = make_step_model(model, batch_size=1)
+    >>> [tuple(t.shape) for t in step_model.inputs]  # x_t, then m, u, w
+    [(1, 3), (1, 2), (1, 2), (1, 8)]
+    >>> x = np.random.rand(1, 3).astype("float32")
+    >>> y, *states = step_model([x, *initial_states(step_model)])
+    >>> bool(np.allclose(y, model(x[:, None])[:, 0], atol=1e-5))
+    True
     """
     _check_batch_size(batch_size)
     _check_streamable(model)
@@ -364,7 +440,22 @@ def make_step_model(model, batch_size):
 
 
 def initial_states(step_model):
-    """Zero states ("nothing seen yet") for a step model from `make_step_model`."""
+    """Zero states ("nothing seen yet") for a step model from `make_step_model`.
+
+    Args:
+        step_model: a model from `make_step_model`.
+
+    Returns:
+        A list of zero numpy arrays, one per state input of `step_model`, in its order.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_aaren import Aaren
+    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
+    >>> tuple(s.shape for s in initial_states(make_step_model(model, batch_size=5)))
+    ((5, 2), (5, 2), (5, 8))
+    """
     return [np.zeros(x.shape, dtype=x.dtype) for x in step_model.inputs[1:]]
 
 
@@ -481,6 +572,22 @@ def export_saved_model(model, path, batch_size):
 
     Raises:
         ValueError: as `make_step_model`, or on a backend other than TensorFlow.
+
+    Example:
+
+    >>> import tempfile
+    >>> import numpy as np
+    >>> import keras
+    >>> import tensorflow as tf
+    >>> from keras_aaren import Aaren
+    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
+    >>> path = export_saved_model(model, tempfile.mkdtemp(), batch_size=1)
+    >>> step = tf.saved_model.load(path).signatures["step"]
+    >>> x = np.random.rand(1, 3).astype("float32")
+    >>> states = {f"state_{i}": tf.zeros((1, n)) for i, n in enumerate([2, 2, 8])}  # m, u, w
+    >>> out = step(x=tf.constant(x), **states)
+    >>> bool(np.allclose(out["y"], model(x[:, None])[:, 0], atol=1e-5))
+    True
     """
     if keras.backend.backend() != "tensorflow":
         raise ValueError(
@@ -510,6 +617,22 @@ def export_tflite(model, path, batch_size):
 
     Raises:
         ValueError: as `export_saved_model`.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import keras
+    >>> import tensorflow as tf
+    >>> from keras_aaren import Aaren
+    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
+    >>> path = export_tflite(model, os.path.join(tempfile.mkdtemp(), "step.tflite"), batch_size=1)
+    >>> step = tf.lite.Interpreter(model_path=path).get_signature_runner("step")
+    >>> x = np.random.rand(1, 3).astype("float32")
+    >>> states = {f"state_{i}": np.zeros((1, n), "float32") for i, n in enumerate([2, 2, 8])}
+    >>> out = step(x=x, **states)
+    >>> bool(np.allclose(out["y"], model(x[:, None])[:, 0], atol=1e-5))
+    True
     """
     if keras.backend.backend() != "tensorflow":
         raise ValueError(

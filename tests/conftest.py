@@ -18,6 +18,15 @@ def pytest_configure(config):
         jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def pytest_collection_modifyitems(config, items):
+    # The export docstrings run TensorFlow's SavedModel and TFLite tools, which exist only there.
+    if keras.backend.backend() != "tensorflow":
+        skip = pytest.mark.skip(reason="SavedModel and TFLite export need the TensorFlow backend")
+        for item in items:
+            if item.name.startswith("keras_aaren.streaming.export_"):
+                item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _float32_policy():
     # Mixed-precision tests set a global dtype policy; put it back for the next test.

@@ -45,6 +45,12 @@ def identity_state(batch_size, num_heads, value_dim, dtype="float32"):
 
     Returns:
         A tuple `(m, u, w)` of shapes `(B, H)`, `(B, H)`, `(B, H, D)`.
+
+    Example:
+
+    >>> m, u, w = identity_state(batch_size=2, num_heads=4, value_dim=8)
+    >>> tuple(m.shape), tuple(u.shape), tuple(w.shape)
+    ((2, 4), (2, 4), (2, 4, 8))
     """
     m = ops.full((batch_size, num_heads), _neg(dtype), dtype=dtype)
     u = ops.zeros((batch_size, num_heads), dtype=dtype)
@@ -73,6 +79,15 @@ def aaren_combine(state_a, state_b):
 
     Returns:
         The combined state `(m, u, w)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> a = (np.array([[0.0]]), np.array([[1.0]]), np.array([[[1.0]]]))  # one token, s=0, v=1
+    >>> b = (np.array([[2.0]]), np.array([[1.0]]), np.array([[[3.0]]]))  # one token, s=2, v=3
+    >>> m, u, w = aaren_combine(a, b)
+    >>> float(np.asarray(m)[0, 0]), round(float(np.asarray(u)[0, 0]), 4)  # 2, 1 + e^-2
+    (2.0, 1.1353)
     """
     m_a, u_a, w_a = state_a
     m_b, u_b, w_b = state_b
@@ -94,6 +109,13 @@ def readout(state):
 
     Returns:
         Tensor of shape `(..., H, D)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> state = (np.zeros((1, 2)), np.array([[4.0, 0.0]]), np.array([[[2.0], [7.0]]]))
+    >>> np.asarray(readout(state)).ravel().tolist()  # w / u, and 0 where nothing was seen
+    [0.5, 0.0]
     """
     _, u, w = state
     seen = (u > 0)[..., None]
@@ -117,6 +139,15 @@ def aaren_step(state, score, value):
     Returns:
         A tuple `(output, new_state)`: `output` of shape `(B, H, D)` in the dtype of `value`,
         `new_state` in the scan dtype (float32, or float64 for float64 inputs).
+
+    Example:
+
+    >>> import numpy as np
+    >>> state = identity_state(batch_size=1, num_heads=1, value_dim=1)
+    >>> for score, value in [(0.0, 1.0), (np.log(3.0), 5.0)]:
+    ...     output, state = aaren_step(state, np.array([[score]]), np.array([[[value]]]))
+    >>> round(float(np.asarray(output)[0, 0, 0]), 4)  # (1 + 3 * 5) / (1 + 3)
+    4.0
     """
     out_dtype = value.dtype
     dtype = scan_dtype(value.dtype)
