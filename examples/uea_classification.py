@@ -9,7 +9,7 @@ and tabulate mean ± std test accuracy, parameters and training time.
 Run:
 
     python examples/uea_classification.py              # all datasets, 3 seeds (~30 min, 2 CPUs)
-    python examples/uea_classification.py --quick      # one dataset, one seed, one epoch
+    python examples/uea_classification.py --quick      # one dataset, seed and epoch, few cases
     python examples/uea_classification.py --datasets GunPoint --seeds 0 1 2 3 4
 
 Datasets (aeon's own loader reads the `.ts` files inside the wheel; nothing is downloaded):
@@ -121,6 +121,9 @@ def main(argv=None):
     results = []
     for name in args.datasets:
         data, classes = load(name)
+        if args.quick:
+            # Two full training batches and one test batch: a smoke run compiles few shapes.
+            data = {split: (x[:n], y[:n]) for (split, (x, y)), n in zip(data.items(), (32, 64))}
         shape = data["train"][0].shape
         print(f"{name}: train {shape}, test {data['test'][0].shape}, {len(classes)} classes")
         for kind in args.models:
