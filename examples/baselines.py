@@ -15,6 +15,7 @@ into a Keras mask that every layer here honours.
 Shape letters used in this module: B batch, T timesteps, F model width.
 """
 
+import json
 import math
 
 import keras
@@ -144,3 +145,15 @@ def pad(sequences):
 def mean_std(values):
     """`"mean ± std"` of a list of numbers, as the results tables print them."""
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def write_outputs(stem, results, table_lines, plot):
+    """Writes `{stem}.json` (the results), `{stem}.md` (the table) and `{stem}.png` (via
+    `plot(results, path)`), prints the table and returns the paths of the table and the plot."""
+    with open(f"{stem}.json", "w") as f:
+        json.dump(results, f, indent=2)
+    with open(f"{stem}.md", "w") as f:
+        f.write("\n".join(table_lines) + "\n")
+    plot(results, f"{stem}.png")
+    print("\n".join(table_lines))
+    return {"table": f"{stem}.md", "plot": f"{stem}.png"}

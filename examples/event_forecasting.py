@@ -23,14 +23,13 @@ Shape letters used in this module: B sequences, T events, M mixture components, 
 """
 
 import argparse
-import json
 import os
 import time
 
 import keras
 import numpy as np
 
-from baselines import MODELS, PAD, encoder, mean_std, pad
+from baselines import MODELS, PAD, encoder, mean_std, pad, write_outputs
 
 # The simulated process: baseline rates mu_k, excitation alpha[k, j] of type k by an event of type
 # j (the expected number of type-k children of one type-j event), exponential decay beta.
@@ -270,8 +269,6 @@ def main(argv=None):
 
 def save(results, args):
     stem = os.path.join(args.output_dir, "event_forecasting")
-    with open(f"{stem}.json", "w") as f:
-        json.dump(results, f, indent=2)
     columns = [
         ("log_likelihood", "log-likelihood / event"),
         ("time_log_likelihood", "time part"),
@@ -288,11 +285,7 @@ def save(results, args):
         params = row.get("params", "-")
         seconds = f"{row['seconds']:.0f} s" if "seconds" in row else "-"
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {params} | {seconds} |")
-    with open(f"{stem}.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    plot(results, f"{stem}.png")
-    print("\n".join(lines))
-    return {"table": f"{stem}.md", "plot": f"{stem}.png"}
+    return write_outputs(stem, results, lines, plot)
 
 
 def plot(results, path):

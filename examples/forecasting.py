@@ -30,7 +30,6 @@ Outputs: `outputs/forecasting.{json,md,png}`.
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -38,7 +37,7 @@ import keras
 import numpy as np
 import statsmodels.api as sm
 
-from baselines import MODELS, encoder, mean_std
+from baselines import MODELS, encoder, mean_std, write_outputs
 
 # name: (context, horizon, season)
 SERIES = {"co2": (156, 52, 52), "elnino": (48, 12, 12), "sunspots": (44, 11, 11)}
@@ -188,8 +187,6 @@ def summary(values, steps=None):
 
 def save(results, examples, args):
     stem = os.path.join(args.output_dir, "forecasting")
-    with open(f"{stem}.json", "w") as f:
-        json.dump(results, f, indent=2)
     lines = []
     for name in dict.fromkeys(r["series"] for r in results):
         rows = [r for r in results if r["series"] == name]
@@ -209,11 +206,7 @@ def save(results, examples, args):
             params = row["params"] or "-"
             seconds = f"{row['seconds']:.0f} s" if row["params"] else "-"
             lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {params} | {seconds} |")
-    with open(f"{stem}.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    plot(results, examples, f"{stem}.png")
-    print("\n".join(lines))
-    return {"table": f"{stem}.md", "plot": f"{stem}.png"}
+    return write_outputs(stem, results, lines, lambda rows, path: plot(rows, examples, path))
 
 
 def plot(results, examples, path):

@@ -25,7 +25,6 @@ Variable-length series are padded at the end and masked, never truncated. Output
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -33,7 +32,7 @@ import keras
 import numpy as np
 from aeon.datasets import load_classification
 
-from baselines import MODELS, encoder, mean_std, pad
+from baselines import MODELS, encoder, mean_std, pad, write_outputs
 
 DATASETS = (
     "BasicMotions",
@@ -148,8 +147,6 @@ def main(argv=None):
 
 def save(results, args):
     stem = os.path.join(args.output_dir, "uea_classification")
-    with open(f"{stem}.json", "w") as f:
-        json.dump(results, f, indent=2)
     lines = [
         "| dataset | model | test accuracy (mean ± std) | parameters | training time per run |",
         "|---|---|---|---|---|",
@@ -159,11 +156,7 @@ def save(results, args):
             f"| {row['dataset']} | {row['model']} | {mean_std(row['accuracies'])} "
             f"| {row['params']} | {row['seconds']:.0f} s |"
         )
-    with open(f"{stem}.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    plot(results, f"{stem}.png")
-    print("\n".join(lines))
-    return {"table": f"{stem}.md", "plot": f"{stem}.png"}
+    return write_outputs(stem, results, lines, plot)
 
 
 def plot(results, path):
