@@ -483,7 +483,8 @@ def make_step_function(model, batch_size, jit_compile=None):
     Returns:
         A function `step(x_t, states)`, with the step model as `step.model` and
         `step.initial_states()` for a new stream. On TensorFlow it is a `tf.function` traced
-        once for its fixed shapes; on other backends it calls the step model directly.
+        once for its fixed shapes, on JAX a `jax.jit` of the step model's stateless call; on
+        other backends it calls the step model directly.
 
     Raises:
         ValueError: as `make_step_model`; when called, if `x_t` or `states` has the wrong shape.
@@ -507,10 +508,28 @@ def make_step_function(model, batch_size, jit_compile=None):
     step_model = make_step_model(model, batch_size)
 
     def run(x, states):
-        results = step_model([x, *states], training=False)
+        inputs = [keras.ops.convert_to_tensor(t) for t in (x, *states)]
+        results = step_model(inputs, training=False)
         return results[0], list(results[1:])
 
-    if keras.backend.backend() == "tensorflow":
+    if keras.backend.backend() == "jax":
+        import jax
+
+        @jax.jit
+        def pure_step(trainable, non_trainable, x, states):
+            results, _ = step_model.stateless_call(
+                trainable, non_trainable, [x, *states], training=False
+            )
+            return results[0], list(results[1:])
+
+        def call(x, states):
+            # The weights are read at every call, so that a step made before training (or
+            # before `set_weights`) serves the current weights, as on TensorFlow.
+            trainable = [v.value for v in step_model.trainable_variables]
+            non_trainable = [v.value for v in step_model.non_trainable_variables]
+            return pure_step(trainable, non_trainable, x, states)
+
+    elif keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         signature = [tf.TensorSpec(t.shape, t.dtype) for t in step_model.inputs]

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 
 
 def to_numpy(x):
@@ -87,3 +88,16 @@ def numpy_output(cell, attended):
     """An AarenCell's output projection of attended values (B, T, H, D), in float64 numpy."""
     kernel = to_numpy(cell.output_kernel).astype("float64")
     return np.einsum("bthd,hdo->bto", attended, kernel) + to_numpy(cell.output_bias)
+
+
+def xfail_jax_masked_stepping(request, mask):
+    """Marks a test that steps a cell through `keras.layers.RNN` with a mask as failing on JAX.
+
+    At a masked step, Keras' JAX `rnn` loop outputs the cell's first state, taking it for the
+    previous output (the TensorFlow backend tracks the output itself since keras#11472). An
+    Aaren cell's first state is the running max `m`, of another shape. Strict: the test reports
+    when Keras fixes it.
+    """
+    if mask is not None and keras.backend.backend() == "jax":
+        reason = "Keras' JAX rnn takes a cell's first state for its previous output at masked steps"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))

@@ -13,6 +13,7 @@ from helpers import (
     numpy_output,
     numpy_projections,
     to_numpy,
+    xfail_jax_masked_stepping,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,10 +43,12 @@ def test_parallel_matches_numpy_oracle(method, steps):
 @pytest.mark.parametrize("return_sequences", [True, False], ids=["seq", "last"])
 @pytest.mark.parametrize("zero_output_for_mask", [False, True], ids=["carry", "zero"])
 def test_parallel_matches_stepping(
-    zero_output_for_mask, return_sequences, go_backwards, mask_kind, steps
+    zero_output_for_mask, return_sequences, go_backwards, mask_kind, steps, request
 ):
     x = data(3, steps, seed=steps)
     mask = None if mask_kind is None else make_mask(mask_kind, 3, steps)
+    if not zero_output_for_mask:
+        xfail_jax_masked_stepping(request, mask)
     options = dict(
         return_sequences=return_sequences,
         return_state=True,

@@ -4,7 +4,7 @@ saving, training and bad input."""
 import keras
 import numpy as np
 import pytest
-from helpers import assert_close, data, make_mask, to_numpy
+from helpers import assert_close, data, make_mask, to_numpy, xfail_jax_masked_stepping
 
 from keras_aaren import AarenBlock, AarenBlockCell, reset_states
 
@@ -20,9 +20,10 @@ def block(**kwargs):
 @pytest.mark.parametrize("mask_kind", [None, "left", "right", "holes"])
 @pytest.mark.parametrize("return_sequences", [True, False], ids=["seq", "last"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
-def test_block_matches_stepping(norm_first, return_sequences, mask_kind):
+def test_block_matches_stepping(norm_first, return_sequences, mask_kind, request):
     x = data(3, 29, WIDTH, seed=1)
     mask = None if mask_kind is None else make_mask(mask_kind, 3, 29, seed=1)
+    xfail_jax_masked_stepping(request, mask)
     options = dict(return_sequences=return_sequences, return_state=True)
     layer = block(norm_first=norm_first, dropout=0.1, **options)
     parallel = layer(x, mask=mask)
