@@ -523,8 +523,9 @@ def make_step_function(model, batch_size, jit_compile=None):
             return results[0], list(results[1:])
 
         def call(x, states):
-            # The weights are read at every call, so that a step made before training (or
-            # before `set_weights`) serves the current weights, as on TensorFlow.
+            # A stateless call takes the weights as arguments: reading them at every call keeps
+            # the step on the step model's current weights (after `step.model.set_weights`,
+            # say), as the tf.function, which reads its variables, does.
             trainable = [v.value for v in step_model.trainable_variables]
             non_trainable = [v.value for v in step_model.non_trainable_variables]
             return pure_step(trainable, non_trainable, x, states)
