@@ -62,6 +62,19 @@ def test_to_streaming_chunks_and_tokens(model_and_data):
     assert_close(np.concatenate(chunks, axis=1), expected)
 
 
+def test_predict_on_batch_continues_the_stream(model_and_data, request):
+    model, x, expected = model_and_data
+    if keras.backend.backend() == "jax" and "functional_mixed" in request.node.name:
+        # Keras' own RNN layers (the LSTM and the stepped AarenCell here) keep their stateful
+        # states outside the variables that JAX's compiled predict carries; Aaren layers do not.
+        reason = "keras.layers.RNN's stateful states do not survive JAX's compiled predict"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
+    stream = streaming.to_streaming(model, BATCH)
+    bounds = [(0, 1), (1, 9), (9, STEPS)]
+    chunks = [stream.predict_on_batch(x[:, a:b]) for a, b in bounds]
+    assert_close(np.concatenate(chunks, axis=1), expected)
+
+
 def test_step_function_matches_parallel(model_and_data):
     model, x, expected = model_and_data
     step = streaming.make_step_function(model, BATCH)

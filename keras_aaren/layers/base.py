@@ -144,6 +144,19 @@ class ParallelRNN(keras.layers.RNN):
             outputs = ops.where(keep[..., None], outputs, ops.zeros_like(outputs))
         return outputs[:, -1], outputs, states
 
+    @property
+    def variables(self):
+        # keras.layers.RNN keeps `stateful` states in untracked variables. Compiled stateless
+        # calls (JAX's predict, fit and evaluate) carry only `variables`, so without this a
+        # second predict_on_batch would restart the stream. Listing them here, and not among the
+        # weights, keeps them out of get_weights, set_weights and weight files, as for Keras'
+        # own RNNs: a stateless and a stateful copy still share weights.
+        variables = super().variables
+        if self.stateful and self.states is not None:
+            known = {id(v) for v in variables}
+            variables += [v for v in self.states if id(v) not in known]
+        return variables
+
     def get_config(self):
         config = super().get_config()
         del config["cell"]

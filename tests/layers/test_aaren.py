@@ -114,6 +114,28 @@ def test_stateful_random_chunkings(cuts):
     assert_close(_stream(layer, x, sizes), expected)
 
 
+def test_stateful_predict_on_batch_continues_the_stream():
+    # JAX's predict is a compiled stateless call that carries only the model's variables: the
+    # stream continues only if the states are among them, and must still not be weights.
+    x = data(2, 30, seed=5)
+    one_shot = keras.Sequential([keras.Input((None, FEATURES)), Aaren(2, 4, return_sequences=True)])
+    stateful = keras.Sequential(
+        [
+            keras.Input(batch_shape=(2, None, FEATURES)),
+            Aaren(2, 4, return_sequences=True, stateful=True),
+        ]
+    )
+    assert len(stateful.get_weights()) == len(one_shot.get_weights())
+    stateful.set_weights(one_shot.get_weights())
+    expected = to_numpy(one_shot(x))
+    bounds = [(0, 1), (1, 12), (12, 30)]
+    chunks = [stateful.predict_on_batch(x[:, a:b]) for a, b in bounds]
+    assert_close(np.concatenate(chunks, axis=1), expected)
+    reset_states(stateful)
+    chunks = [stateful.predict(x[:, a:b], batch_size=2, verbose=0) for a, b in bounds]
+    assert_close(np.concatenate(chunks, axis=1), expected)
+
+
 def test_stateful_streaming_with_rnn_cell_matches_parallel():
     x = data(2, 20, seed=4)
     parallel = Aaren(2, 4, return_sequences=True)
