@@ -118,8 +118,14 @@ def main(argv=None):
     streaming = build_streaming_model(model, len(x_test), x_test.shape[-1])
     keras_aaren.reset_states(streaming)
     steps = x_test.shape[1]
+    # Calling the model, rather than predict_on_batch, continues the stream on every backend:
+    # JAX's compiled predict drops the states of keras.layers.RNN (see docs/backends.md).
     streamed = np.stack(
-        [streaming.predict_on_batch(x_test[:, t : t + 1])[:, 0] for t in range(steps)], axis=1
+        [
+            keras.ops.convert_to_numpy(streaming(x_test[:, t : t + 1]))[:, 0]
+            for t in range(steps)
+        ],
+        axis=1,
     )
     checkpoints = sorted({1, steps // 4, steps // 2, steps})
     parallel = {t: keras.ops.convert_to_numpy(model(x_test[:, :t])) for t in checkpoints}
