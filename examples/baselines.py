@@ -1,7 +1,8 @@
 """The three sequence encoders every example compares, at the same width and depth.
 
 * `"aaren"`: a stack of `AarenBlock`s (Aaren attention + feed-forward, post-norm). Causal by
-  construction; its summary of a sequence is the last block's output at the last real token.
+  construction; its summary of a sequence is the last block's output at the last real token, or
+  (`readout="mean"`, used for classification) the masked mean over tokens.
 * `"transformer"`: the same blocks with `keras.layers.MultiHeadAttention` in place of Aaren.
   Bidirectional for whole-sequence tasks, causal (`use_causal_mask=True`) for next-event
   prediction; its summary of a sequence is the masked mean over tokens, as in the keras.io
@@ -97,14 +98,19 @@ def encoder(
     dropout=0.1,
     summarize=True,
     causal=False,
+    readout="last",
 ):
     """Encodes `inputs` (B, T, features) with the model `kind`, one of `MODELS`.
 
     Returns `(B, F)` when `summarize`, else `(B, T, F)`. `causal` only matters for the
-    Transformer: Aaren and the LSTM never see the future.
+    Transformer: Aaren and the LSTM never see the future. `readout` only matters for Aaren: its
+    summary is its output at the last real token (`"last"`, what a causal model knows at the end
+    of the sequence) or the masked mean over tokens (`"mean"`, the Transformer's readout).
     """
     if kind not in MODELS:
         raise ValueError(f"`kind` must be one of {MODELS}. Received: kind={kind!r}")
+    if readout not in ("last", "mean"):
+        raise ValueError(f"`readout` must be 'last' or 'mean'. Received: readout={readout!r}")
     key_dim = width // num_heads
     x = keras.layers.Masking(mask_value=PAD)(inputs)
     x = keras.layers.Dense(width, name="input_projection")(x)
@@ -112,7 +118,8 @@ def encoder(
         x = SinePositionEncoding()(x)
     if kind == "aaren":
         for i in range(depth):
-            last = summarize and i == depth - 1
+            # With the "last" readout the last block returns its output at the last real token.
+            last = summarize and readout == "last" and i == depth - 1
             x = AarenBlock(
                 num_heads,
                 key_dim,
@@ -121,6 +128,10 @@ def encoder(
                 return_sequences=not last,
                 name=f"aaren_block_{i + 1}",
             )(x)
+        if summarize and readout == "mean":
+            # The Transformer's readout. A stream keeps it as a running sum and a token count
+            # beside the layer states.
+            return keras.layers.GlobalAveragePooling1D()(x)
         return x
     if kind == "lstm":
         for i in range(depth):

@@ -121,10 +121,7 @@ def main(argv=None):
     # Calling the model, rather than predict_on_batch, continues the stream on every backend:
     # JAX's compiled predict drops the states of keras.layers.RNN (see docs/backends.md).
     streamed = np.stack(
-        [
-            keras.ops.convert_to_numpy(streaming(x_test[:, t : t + 1]))[:, 0]
-            for t in range(steps)
-        ],
+        [keras.ops.convert_to_numpy(streaming(x_test[:, t : t + 1]))[:, 0] for t in range(steps)],
         axis=1,
     )
     checkpoints = sorted({1, steps // 4, steps // 2, steps})

@@ -15,6 +15,9 @@ Shape letters used in this module: B batch, T timesteps, H heads, D value dimens
 N chunks, C chunk length, L length of the axis a helper reduces over.
 """
 
+import math
+
+import keras
 import numpy as np
 from keras import backend, ops
 
@@ -89,8 +92,9 @@ def aaren_combine(state_a, state_b):
     >>> float(np.asarray(m)[0, 0]), round(float(np.asarray(u)[0, 0]), 4)  # 2, 1 + e^-2
     (2.0, 1.1353)
     """
-    m_a, u_a, w_a = state_a
-    m_b, u_b, w_b = state_b
+    # NumPy inputs become tensors first: PyTorch cannot multiply an ndarray by a tensor.
+    m_a, u_a, w_a = (ops.convert_to_tensor(x) for x in state_a)
+    m_b, u_b, w_b = (ops.convert_to_tensor(x) for x in state_b)
     m_a = _empty_as_identity(m_a, u_a)
     m_b = _empty_as_identity(m_b, u_b)
     m = ops.stop_gradient(ops.maximum(m_a, m_b))
@@ -320,6 +324,24 @@ def _blocked_prefix(m, u, w, chunk_size):
 def _scan_chunked(scores, values, state, mask, chunk_size):
     """The chunked scan, with the closed-form gradient of `_chunked_backward`."""
 
+    # Keras' PyTorch custom_gradient takes one output and one cotangent: there the outputs and
+    # the final state travel packed in one (B, T·H·D + 2·H + H·D) tensor.
+    packed = keras.backend.backend() == "torch"
+    batch, steps, heads = scores.shape
+    dim = values.shape[-1]
+    shapes = [(steps, heads, dim), (heads,), (heads,), (heads, dim)]
+
+    def pack(tensors):
+        return ops.concatenate([ops.reshape(x, (batch, -1)) for x in tensors], axis=1)
+
+    def unpack(flat):
+        sizes = [math.prod(shape) for shape in shapes]
+        bounds = np.cumsum([0, *sizes])
+        return [
+            ops.reshape(flat[:, a:b], (batch, *shape))
+            for a, b, shape in zip(bounds, bounds[1:], shapes)
+        ]
+
     @ops.custom_gradient
     def scan(scores, values, m0, u0, w0):
         prefix = _blocked_prefix(*_token_leaves(scores, values, mask), chunk_size)
@@ -331,6 +353,8 @@ def _scan_chunked(scores, values, state, mask, chunk_size):
             # TensorFlow passes one cotangent per output, JAX one tuple, PyTorch a keyword.
             if upstream is None:
                 upstream = args[0] if len(args) == 1 else args
+            if packed:
+                upstream = unpack(upstream)
             cotangents = [
                 ops.zeros_like(x) if g is None else g for g, x in zip(upstream, (outputs, *final))
             ]
@@ -338,9 +362,12 @@ def _scan_chunked(scores, values, state, mask, chunk_size):
                 scores, values, (m0, u0, w0), mask, chunk_size, total, outputs, cotangents
             )
 
+        if packed:
+            return pack((outputs, *final)), grad
         return (outputs, *final), grad
 
-    outputs, *final = scan(scores, values, *state)
+    results = scan(scores, values, *state)
+    outputs, *final = unpack(results) if packed else results
     return outputs, tuple(final)
 
 

@@ -117,7 +117,8 @@ def test_scan_matches_naive_long(method, scores_kind):
 
 
 def _loss(method, weights):
-    g_out, g_final = weights
+    # Tensors, not ndarrays: PyTorch cannot multiply a tensor that requires grad by an ndarray.
+    g_out, g_final = (ops.convert_to_tensor(w) for w in weights)
 
     def loss(scores, values, m0, u0, w0, mask):
         if method == "naive":
