@@ -12,6 +12,7 @@ from helpers import (
     make_mask,
     numpy_output,
     numpy_projections,
+    skip_torch_jit_compile,
     to_numpy,
     xfail_jax_masked_stepping,
 )
@@ -304,6 +305,7 @@ def test_every_method_in_a_compiled_model(method):
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 def test_sequential_model_trains(jit_compile):
+    skip_torch_jit_compile(jit_compile)
     x = data(32, 24, seed=10)
     # A target that needs attention over the sequence: the mean of the first feature so far.
     y = np.cumsum(x[..., :1], axis=1) / np.arange(1, 25)[None, :, None]

@@ -4,7 +4,14 @@ saving, training and bad input."""
 import keras
 import numpy as np
 import pytest
-from helpers import assert_close, data, make_mask, to_numpy, xfail_jax_masked_stepping
+from helpers import (
+    assert_close,
+    data,
+    make_mask,
+    skip_torch_jit_compile,
+    to_numpy,
+    xfail_jax_masked_stepping,
+)
 
 from keras_aaren import AarenBlock, AarenBlockCell, reset_states
 
@@ -117,7 +124,9 @@ def test_parameter_count_is_transformer_block_plus_query():
     assert layer.count_params() == attention.count_params() + norms + ffn + WIDTH
 
 
-def test_block_trains_with_xla_and_masking():
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_block_trains_with_masking(jit_compile):
+    skip_torch_jit_compile(jit_compile)
     x = data(32, 20, WIDTH, seed=5)
     x[:8, 14:] = 0.0
     y = np.cumsum(x[..., :1], axis=1) / np.arange(1, 21)[None, :, None]
@@ -129,7 +138,7 @@ def test_block_trains_with_xla_and_masking():
             keras.layers.Dense(1),
         ]
     )
-    model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=True)
+    model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
     before = model.evaluate(x, y, verbose=0)
     model.fit(x, y, epochs=10, batch_size=16, verbose=0)
     assert model.evaluate(x, y, verbose=0) < before
