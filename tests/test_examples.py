@@ -177,3 +177,9 @@ def test_event_forecasting_model_density_normalizes():
     # The predicted mean gap is the mean of that density.
     mean = integrate.quad(lambda g: g * sum(density(g, k) for k in range(3)), 0, np.inf, limit=200)
     np.testing.assert_allclose(example.predicted_mean_gap(y_pred)[0, 0], mean[0], rtol=1e-4)
+
+
+def test_encoder_rejects_unknown_readout():
+    baselines = load_example("baselines")
+    with pytest.raises(ValueError, match="`readout` must be 'last' or 'mean'. Received: readout="):
+        baselines.encoder(baselines.keras.Input((None, 3)), "aaren", readout="first")
