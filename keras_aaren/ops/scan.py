@@ -432,6 +432,12 @@ def _chunked_backward(scores, values, start, mask, chunk_size, total, outputs, c
 _TF_KERNELS = {}
 
 
+def _tf_executing_eagerly():
+    import tensorflow as tf
+
+    return tf.executing_eagerly()
+
+
 def _in_xla_context():
     """Whether the current TF graph is already being compiled by XLA (`jit_compile=True`)."""
     import tensorflow as tf
@@ -444,20 +450,24 @@ def _in_xla_context():
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
-def _tf_kernel(jit_compile):
-    """`_scan_chunked` as a `tf.function`, one per compilation mode, made on first use.
+def _tf_kernel(jit_compile, eager):
+    """`_scan_chunked` as a `tf.function`, one per compilation mode and calling context.
 
     Eager calls then run one compiled graph instead of a hundred Python-dispatched ops, and a call
     inside a graph becomes one function call that XLA can compile as a unit. It traces once per
     shape (and per chunk size and mask presence), not once per call.
+
+    Eager calls get a function of their own. Their shapes are always fully known, so each length
+    gets its own trace. Shared with graph callers, an eager call would reuse a trace made for an
+    unknown length (Keras' `predict` relaxes its shapes after a few lengths), which rounds
+    differently: a stream's outputs would then depend on what the process had run before.
     """
-    if jit_compile not in _TF_KERNELS:
+    key = (jit_compile, eager)
+    if key not in _TF_KERNELS:
         import tensorflow as tf
 
-        _TF_KERNELS[jit_compile] = tf.function(
-            _scan_chunked, jit_compile=jit_compile, autograph=False
-        )
-    return _TF_KERNELS[jit_compile]
+        _TF_KERNELS[key] = tf.function(_scan_chunked, jit_compile=jit_compile, autograph=False)
+    return _TF_KERNELS[key]
 
 
 def aaren_scan(
@@ -540,7 +550,8 @@ def aaren_scan(
     elif method == "associative":
         outputs, final = _scan_associative(scores, values, start, mask)
     elif backend.backend() == "tensorflow" and not _in_xla_context():
-        outputs, final = _tf_kernel(True)(scores, values, start, mask, chunk_size)
+        kernel = _tf_kernel(True, eager=_tf_executing_eagerly())
+        outputs, final = kernel(scores, values, start, mask, chunk_size)
     else:
         outputs, final = _scan_chunked(scores, values, start, mask, chunk_size)
 

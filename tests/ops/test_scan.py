@@ -339,7 +339,7 @@ def test_tensorflow_kernel_traces_once_per_shape():
     from keras_aaren.ops import scan
 
     rng = np.random.default_rng(6)
-    kernel = scan._tf_kernel(True)
+    kernel = scan._tf_kernel(True, eager=True)
     before = kernel.experimental_get_tracing_count()
     for steps in (37, 37, 37, 38, 38):
         scores, values = f32(rng.normal(size=(2, steps, 3)), rng.normal(size=(2, steps, 3, 4)))
