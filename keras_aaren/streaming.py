@@ -182,8 +182,9 @@ def to_streaming(model, batch_size):
     >>> model = keras.Sequential([keras.Input((None, 8)), AarenBlock(2, 4, ffn_dim=16)])
     >>> streaming = to_streaming(model, batch_size=3)
     >>> x = np.random.rand(3, 10, 8).astype("float32")
-    >>> tokens = [streaming(x[:, t : t + 1]) for t in range(10)]
-    >>> bool(np.allclose(np.concatenate(tokens, axis=1), model(x), atol=1e-5))
+    >>> tokens = [streaming.predict_on_batch(x[:, t : t + 1]) for t in range(10)]
+    >>> expected = model.predict(x, verbose=0)
+    >>> bool(np.allclose(np.concatenate(tokens, axis=1), expected, atol=1e-5))
     True
     """
     _check_batch_size(batch_size)
@@ -256,11 +257,11 @@ def set_states(model, states):
     >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, name="aaren")])
     >>> streaming = to_streaming(model, batch_size=1)
     >>> x = np.random.rand(1, 8, 3).astype("float32")
-    >>> _ = streaming(x[:, :5])
+    >>> _ = streaming.predict_on_batch(x[:, :5])
     >>> saved = get_states(streaming)
-    >>> first = streaming(x[:, 5:])
+    >>> first = streaming.predict_on_batch(x[:, 5:])
     >>> set_states(streaming, saved)  # rewind to after token 5
-    >>> bool(np.allclose(streaming(x[:, 5:]), first))
+    >>> bool(np.allclose(streaming.predict_on_batch(x[:, 5:]), first))
     True
     """
     _check_layer("model", model)
@@ -343,12 +344,13 @@ def load_states(model, path):
     >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
     >>> streaming = to_streaming(model, batch_size=1)
     >>> x = np.random.rand(1, 9, 3).astype("float32")
-    >>> _ = streaming(x[:, :6])
+    >>> _ = streaming.predict_on_batch(x[:, :6])
     >>> path = save_states(streaming, os.path.join(tempfile.mkdtemp(), "stream.npz"))
     >>> reset_states(streaming)  # e.g. the process restarts
     1
     >>> load_states(streaming, path)
-    >>> bool(np.allclose(streaming(x[:, 6:]), model(x), atol=1e-5))
+    >>> rest = streaming.predict_on_batch(x[:, 6:])
+    >>> bool(np.allclose(rest, model.predict(x, verbose=0), atol=1e-5))
     True
     """
     states = {}
@@ -426,8 +428,8 @@ def make_step_model(model, batch_size):
     >>> [tuple(t.shape) for t in step_model.inputs]  # x_t, then m, u, w
     [(1, 3), (1, 2), (1, 2), (1, 8)]
     >>> x = np.random.rand(1, 3).astype("float32")
-    >>> y, *states = step_model([x, *initial_states(step_model)])
-    >>> bool(np.allclose(y, model(x[:, None])[:, 0], atol=1e-5))
+    >>> y, *states = step_model.predict_on_batch([x, *initial_states(step_model)])
+    >>> bool(np.allclose(y, model.predict(x[:, None], verbose=0)[:, 0], atol=1e-5))
     True
     """
     _check_batch_size(batch_size)
@@ -502,7 +504,7 @@ def make_step_function(model, batch_size, jit_compile=None):
     >>> for t in range(6):
     ...     y, states = step(x[:, t], states)
     ...     outputs.append(keras.ops.convert_to_numpy(y))
-    >>> bool(np.allclose(np.stack(outputs, axis=1), model(x), atol=1e-5))
+    >>> bool(np.allclose(np.stack(outputs, axis=1), model.predict(x, verbose=0), atol=1e-5))
     True
     """
     step_model = make_step_model(model, batch_size)

@@ -8,7 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(__file__))
 # The runnable snippets; docs/streaming.md's later blocks write files or need exports, and the
 # same calls are covered by tests/test_streaming.py.
-SOURCES = {"README.md": None, "docs/streaming.md": 1}
+SOURCES = {"README.md": None, "docs/index.md": None, "docs/streaming.md": 1}
 BLOCKS = [
     (name, i, block)
     for name, limit in SOURCES.items()

@@ -371,7 +371,8 @@ class Aaren(ParallelRNN):
     >>> layer = Aaren(num_heads=2, key_dim=8, return_sequences=True)
     >>> parallel = layer(x)
     >>> stepped = keras.layers.RNN(layer.cell, return_sequences=True)(x)
-    >>> bool(np.allclose(parallel, stepped, atol=1e-5))
+    >>> to_numpy = keras.ops.convert_to_numpy  # a tensor of any backend as a NumPy array
+    >>> bool(np.allclose(to_numpy(parallel), to_numpy(stepped), atol=1e-5))
     True
     """
 
