@@ -134,6 +134,8 @@ def split_parameters(outputs):
 def log_likelihood(y_true, y_pred, ops=keras.ops):
     """Log density of the next event's time and of its type, `(B, T)` each. Works on tensors
     (`ops=keras.ops`) and on NumPy arrays after training (`ops=numpy_ops`)."""
+    # PyTorch cannot mix its tensors with NumPy arrays in one operation.
+    y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
     logits, means, log_scales, type_logits = split_parameters(y_pred)
     gap = y_true[..., 0]
     kind = ops.cast(y_true[..., 1], "int32")
@@ -159,6 +161,7 @@ class numpy_ops:
     """The few `keras.ops` functions `log_likelihood` uses, on NumPy arrays."""
 
     log, exp, clip, cast = np.log, np.exp, np.clip, staticmethod(lambda x, t: x.astype(t))
+    convert_to_tensor = staticmethod(np.asarray)
 
     @staticmethod
     def logsumexp(x, axis, keepdims=False):
