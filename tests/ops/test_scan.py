@@ -249,6 +249,21 @@ def test_half_precision_runs_in_float32():
     assert_close(ops.cast(outputs, "float32"), expected, atol=0.1, rtol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_outputs_keep_dtype_and_device(method, dtype):
+    # Each backend's associative_scan, and PyTorch's packed custom gradient, must neither change
+    # the outputs' dtype nor move them off the inputs' device; the state stays in float32.
+    rng = np.random.default_rng(7)
+    scores = ops.convert_to_tensor(rng.normal(size=(2, 37, 3)), dtype)
+    values = ops.convert_to_tensor(rng.normal(size=(2, 37, 3, 4)), dtype)
+    outputs, final = aaren_scan(scores, values, method=method)
+    assert keras.backend.standardize_dtype(outputs.dtype) == dtype
+    assert [keras.backend.standardize_dtype(x.dtype) for x in final] == ["float32"] * 3
+    if keras.backend.backend() == "torch":
+        assert {x.device for x in (outputs, *final)} == {values.device}
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     batch=st.integers(1, 3),
