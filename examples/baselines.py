@@ -99,6 +99,7 @@ def encoder(
     summarize=True,
     causal=False,
     readout="last",
+    query_initializer=None,
 ):
     """Encodes `inputs` (B, T, features) with the model `kind`, one of `MODELS`.
 
@@ -106,6 +107,9 @@ def encoder(
     Transformer: Aaren and the LSTM never see the future. `readout` only matters for Aaren: its
     summary is its output at the last real token (`"last"`, what a causal model knows at the end
     of the sequence) or the masked mean over tokens (`"mean"`, the Transformer's readout).
+    `query_initializer` only matters for Aaren: that of its learned query tokens (`None`, the
+    layer's default N(0, 1), or `"zeros"`: every token starts with the same score, so each output
+    starts as the running mean of the values).
     """
     if kind not in MODELS:
         raise ValueError(f"`kind` must be one of {MODELS}. Received: kind={kind!r}")
@@ -126,6 +130,7 @@ def encoder(
                 ffn_dim=2 * width,
                 dropout=dropout,
                 return_sequences=not last,
+                query_initializer=query_initializer,
                 name=f"aaren_block_{i + 1}",
             )(x)
         if summarize and readout == "mean":
