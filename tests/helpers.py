@@ -90,19 +90,6 @@ def numpy_output(cell, attended):
     return np.einsum("bthd,hdo->bto", attended, kernel) + to_numpy(cell.output_bias)
 
 
-def xfail_jax_masked_stepping(request, mask):
-    """Marks a test that steps a cell through `keras.layers.RNN` with a mask as failing on JAX.
-
-    At a masked step, Keras' JAX `rnn` loop outputs the cell's first state, taking it for the
-    previous output (the TensorFlow backend tracks the output itself since keras#11472). An
-    Aaren cell's first state is the running max `m`, of another shape. Strict: the test reports
-    when Keras fixes it.
-    """
-    if mask is not None and keras.backend.backend() == "jax":
-        reason = "Keras' JAX rnn takes a cell's first state for its previous output at masked steps"
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
-
-
 def skip_torch_jit_compile(jit_compile):
     """Skips a `jit_compile=True` case on PyTorch, where Keras compiles with `torch.compile`.
 

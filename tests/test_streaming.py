@@ -146,7 +146,7 @@ def test_state_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="exactly this model's stateful layers"):
         streaming.set_states(other, saved)
     wider = streaming.to_streaming(model, BATCH + 1)
-    with pytest.raises(ValueError, match=r"must have shapes \[\(3, 2\).*Received: \[\(2, 2\)"):
+    with pytest.raises(ValueError, match=r"must have shapes \[\(3, 8\).*Received: \[\(2, 8\)"):
         streaming.load_states(wider, path)
 
 
@@ -215,7 +215,7 @@ def test_million_token_stream_against_float64():
         for t in checkpoints:
             if start <= t < start + chunk:
                 got[t] = y[:, t - start]
-    assert state_shapes == {((batch, 2), (batch, 2), (batch, 4))}
+    assert state_shapes == {((batch, 3), (batch, 2), (batch, 2), (batch, 4))}
     assert all(np.all(np.isfinite(to_numpy(v))) for v in layer.states)
 
     # Rebuild the same stream for the reference, chunk by chunk, in float64.

@@ -47,9 +47,13 @@ class AarenCell(keras.layers.Layer):
     Code names: `query` is the learned token $\\bar q$ (one vector of the input width, projected to
     one query per head by `query_kernel` $W_q$, as in the paper, so that the parameter count is
     that of `keras.layers.MultiHeadAttention` plus $\\bar q$); `key_kernel` $W_k$,
-    `value_kernel` $W_v$, `output_kernel` $W_o$. The states are `[m, u, w]` flattened to
-    `(batch_size, num_heads)`, `(batch_size, num_heads)`, `(batch_size, num_heads * value_dim)`;
-    the all-zero state means "nothing seen yet".
+    `value_kernel` $W_v$, `output_kernel` $W_o$.
+
+    The states are `[y, m, u, w]`: the previous output $y_{t-1}$, `(batch_size, output_dim)`,
+    first, as in every Keras cell (`LSTMCell`'s `[h, c]`), because Keras' RNN loop on JAX outputs
+    the first state at a masked timestep; then the paper's state $(m, u, w)$ flattened to
+    `(batch_size, num_heads)`, `(batch_size, num_heads)`, `(batch_size, num_heads * value_dim)`.
+    The all-zero state means "nothing seen yet".
 
     Args:
         num_heads: int, number of attention heads, each with its own learned query.
@@ -72,12 +76,13 @@ class AarenCell(keras.layers.Layer):
 
     Call arguments:
         inputs: tensor of shape `(batch_size, features)`, one token.
-        states: list `[m, u, w]` of shapes `(batch_size, num_heads)`, `(batch_size, num_heads)`,
+        states: list `[y, m, u, w]` of shapes `(batch_size, output_dim)`,
+            `(batch_size, num_heads)`, `(batch_size, num_heads)`,
             `(batch_size, num_heads * value_dim)`.
 
     Returns:
         A tuple `(output, new_states)`: `output` of shape `(batch_size, output_dim)`, and the
-        new states in the dtype of `states`.
+        new states `[output, m, u, w]` in the dtypes of `states`.
 
     Raises:
         ValueError: if `num_heads`, `key_dim`, `value_dim` or `output_dim` is not a positive
@@ -134,12 +139,17 @@ class AarenCell(keras.layers.Layer):
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.query_constraint = keras.constraints.get(query_constraint)
-        self.state_size = [num_heads, num_heads, num_heads * self.value_dim]
         self.input_dim = None
 
     @property
     def output_size(self):
         return self.output_dim if self.output_dim is not None else self.input_dim
+
+    @property
+    def state_size(self):
+        # The output's size is that of the input when `output_dim` is None, known after `build`.
+        heads = self.num_heads
+        return [self.output_size, heads, heads, heads * self.value_dim]
 
     def build(self, input_shape):
         check_token_shape(self, input_shape)
@@ -236,6 +246,20 @@ class AarenCell(keras.layers.Layer):
         return [ops.cast(x, dtype) for x in (m, u, w)]
 
     def call(self, inputs, states):
+        outputs, new_states = self.call_token(inputs, states[1:])
+        return outputs, [ops.cast(outputs, states[0].dtype), *new_states]
+
+    def call_token(self, inputs, states):
+        """One token with the paper's flat states `[m, u, w]` only (no previous output).
+
+        Args:
+            inputs: tensor `(batch_size, features)`.
+            states: the flat states `[m, u, w]`.
+
+        Returns:
+            A tuple `(outputs, new_states)`: `(batch_size, output_dim)` and the new `[m, u, w]`
+            in the dtype of `states`.
+        """
         check_float(self, inputs)
         state = self.unflatten_state(states)
         scores, values = self.project(inputs)  # (B, H), (B, H, D)
@@ -249,7 +273,8 @@ class AarenCell(keras.layers.Layer):
 
         Args:
             sequences: tensor `(batch_size, timesteps, features)`.
-            states: the incoming flat states `[m, u, w]`.
+            states: the incoming flat states `[m, u, w]` (without the previous output, which
+                `ParallelRNN` tracks).
             mask: optional boolean tensor `(batch_size, timesteps)`.
             method: the `aaren_scan` method.
             last_only: return only the last timestep's output, `(batch_size, 1, output_dim)`.
@@ -257,7 +282,7 @@ class AarenCell(keras.layers.Layer):
 
         Returns:
             A tuple `(outputs, new_states)`: `(batch_size, timesteps, output_dim)` (or
-            `(batch_size, 1, output_dim)` with `last_only`) and the final flat states.
+            `(batch_size, 1, output_dim)` with `last_only`) and the final flat `[m, u, w]`.
         """
         scores, values = self.project(sequences)  # (B, T, H), (B, T, H, D)
         attended, final = aaren_scan(
@@ -337,7 +362,7 @@ class Aaren(ParallelRNN):
             `"chunked"`, `"associative"` (the paper's parallel prefix scan), or `"sequential"`
             (the `keras.layers.RNN` step loop over the cell). See `keras_aaren.ops.aaren_scan`.
         return_sequences: bool, return the output at every timestep, or only the last.
-        return_state: bool, also return the final states `[m, u, w]`.
+        return_state: bool, also return the final states `[y, m, u, w]` (see `AarenCell`).
         go_backwards: bool, process the sequence backwards and return the reversed sequence.
         stateful: bool, the final states of a batch are the initial states of the next one.
         unroll: bool, unroll the step loop; used only by `method="sequential"`.
@@ -347,16 +372,17 @@ class Aaren(ParallelRNN):
 
     Call arguments:
         sequences: tensor of shape `(batch_size, timesteps, features)`.
-        initial_state: optional list `[m, u, w]` of shapes `(batch_size, num_heads)`,
-            `(batch_size, num_heads)`, `(batch_size, num_heads * value_dim)`, e.g. the states
-            returned by a previous call with `return_state=True`.
+        initial_state: optional list `[y, m, u, w]` of shapes `(batch_size, output_dim)`,
+            `(batch_size, num_heads)`, `(batch_size, num_heads)`,
+            `(batch_size, num_heads * value_dim)`, e.g. the states returned by a previous call
+            with `return_state=True`.
         mask: optional boolean tensor `(batch_size, timesteps)`, True for a real token; masked
             tokens change neither the state nor the output.
         training: bool, training or inference mode.
 
     Returns:
         `(batch_size, timesteps, output_dim)` if `return_sequences`, else
-        `(batch_size, output_dim)`; with `return_state`, followed by the three final states.
+        `(batch_size, output_dim)`; with `return_state`, followed by the four final states.
 
     Raises:
         ValueError: for a non-positive `num_heads`, `key_dim`, `value_dim` or `output_dim`, an

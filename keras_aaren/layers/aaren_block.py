@@ -4,6 +4,7 @@ Shape letters used in this module: B batch, T timesteps, F model width (features
 """
 
 import keras
+from keras import ops
 
 from keras_aaren.layers.aaren import AarenCell
 from keras_aaren.layers.base import (
@@ -58,11 +59,13 @@ class AarenBlockCell(keras.layers.Layer):
 
     Call arguments:
         inputs: tensor of shape `(batch_size, width)`, one token.
-        states: list `[m, u, w]`, the state of the Aaren attention.
+        states: list `[y, m, u, w]`: the block's previous output, then the state of the Aaren
+            attention (see `AarenCell`).
         training: bool, whether dropout is active.
 
     Returns:
-        A tuple `(output, new_states)`, `output` of shape `(batch_size, width)`.
+        A tuple `(output, new_states)`, `output` of shape `(batch_size, width)` and the new
+        states `[output, m, u, w]`.
 
     Raises:
         ValueError: if `num_heads`, `key_dim`, `value_dim` or `ffn_dim` is not a positive
@@ -119,14 +122,18 @@ class AarenBlockCell(keras.layers.Layer):
         )
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        # The state is the attention's: [m, u, w] flat.
-        self.state_size = [num_heads, num_heads, num_heads * self.value_dim]
         self.input_dim = None
         self.attention = None
 
     @property
     def output_size(self):
         return self.input_dim
+
+    @property
+    def state_size(self):
+        # The block's previous output, then the attention's [m, u, w] flat.
+        heads = self.num_heads
+        return [self.input_dim, heads, heads, heads * self.value_dim]
 
     def _sublayer_arguments(self):
         return dict(
@@ -188,14 +195,15 @@ class AarenBlockCell(keras.layers.Layer):
 
     def call(self, inputs, states, training=False):
         check_float(self, inputs)
-        attended, new_states = self.attention(self._attention_input(inputs), states)
-        return self._rest_of_block(inputs, attended, training), new_states
+        attended, new_states = self.attention.call_token(self._attention_input(inputs), states[1:])
+        outputs = self._rest_of_block(inputs, attended, training)
+        return outputs, [ops.cast(outputs, states[0].dtype), *new_states]
 
     def call_sequence(
         self, sequences, states, mask=None, method="auto", last_only=False, training=False
     ):
-        """The parallel form of the block over `(batch_size, timesteps, width)`; see
-        `AarenCell.call_sequence`."""
+        """The parallel form of the block over `(batch_size, timesteps, width)`, with the
+        attention's states `[m, u, w]`; see `AarenCell.call_sequence`."""
         attended, new_states = self.attention.call_sequence(
             self._attention_input(sequences),
             states,
@@ -208,7 +216,7 @@ class AarenBlockCell(keras.layers.Layer):
         return self._rest_of_block(sequences, attended, training), new_states
 
     def get_initial_state(self, batch_size=None):
-        return self.attention.get_initial_state(batch_size)
+        return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]
 
     def arg_config(self):
         """The constructor arguments, serialized (no base-layer keys)."""
@@ -271,7 +279,7 @@ class AarenBlock(ParallelRNN):
         bias_regularizer: regularizer of all biases.
         method: the scan, as for `Aaren` (`"sequential"` steps the cell).
         return_sequences: bool, output every timestep (default True: blocks stack) or the last.
-        return_state: bool, also return the final states `[m, u, w]`.
+        return_state: bool, also return the final states `[y, m, u, w]`.
         go_backwards: bool, process the sequence backwards.
         stateful: bool, carry the state from one batch to the next.
         unroll: bool, unroll the step loop (`method="sequential"` only).
@@ -280,13 +288,14 @@ class AarenBlock(ParallelRNN):
 
     Call arguments:
         sequences: tensor `(batch_size, timesteps, width)`.
-        initial_state: optional list `[m, u, w]`, e.g. from a call with `return_state=True`.
+        initial_state: optional list `[y, m, u, w]` (see `AarenBlockCell`), e.g. from a call
+            with `return_state=True`.
         mask: optional boolean tensor `(batch_size, timesteps)`.
         training: bool, whether dropout is active.
 
     Returns:
         `(batch_size, timesteps, width)` (or `(batch_size, width)` without `return_sequences`),
-        followed by the three final states with `return_state`.
+        followed by the four final states with `return_state`.
 
     Raises:
         ValueError: as `AarenBlockCell`, plus an unknown `method`, a non-float or wrongly shaped

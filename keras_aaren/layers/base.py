@@ -67,16 +67,19 @@ def _carry_last_real(outputs, mask):
 class ParallelRNN(keras.layers.RNN):
     """A `keras.layers.RNN` that computes the whole sequence with its cell's parallel form.
 
-    The cell implements the usual one-token `call(inputs, states)` and also
-    `call_sequence(sequences, states, mask, method, last_only, training)`, which returns the
-    outputs of every timestep (or of the last one) and the final states in one pass. This class
-    replaces `keras.layers.RNN.inner_loop` with that call, seeded by the incoming state, and keeps
-    everything else of `keras.layers.RNN`: `return_sequences`, `return_state`, `initial_state`,
-    `stateful`, `go_backwards`, `zero_output_for_mask` and masking mean what they mean there.
+    The cell implements the usual one-token `call(inputs, states)`, whose first state is the
+    previous output (Keras' convention: its JAX loop outputs that state at a masked timestep),
+    and also `call_sequence(sequences, states, mask, method, last_only, training)`, which takes
+    the other states, and returns the outputs of every timestep (or of the last one) and the
+    final other states in one pass. This class replaces `keras.layers.RNN.inner_loop` with that
+    call, seeded by the incoming state, tracks the previous output itself, and keeps everything
+    else of `keras.layers.RNN`: `return_sequences`, `return_state`, `initial_state`, `stateful`,
+    `go_backwards`, `zero_output_for_mask` and masking mean what they mean there.
     `method="sequential"` runs `keras.layers.RNN`'s step loop over the cell instead.
 
     Args:
-        cell: the cell, with `call`, `call_sequence`, `state_size` and `output_size`.
+        cell: the cell, with `call`, `call_sequence`, `state_size` and `output_size`; its
+            `state_size` may depend on the input width, and is read again after `build`.
         method: passed to the cell's `call_sequence`; `"sequential"` steps the cell.
         **kwargs: the arguments of `keras.layers.RNN`.
     """
@@ -95,6 +98,9 @@ class ParallelRNN(keras.layers.RNN):
                 f"Received: sequences.shape={tuple(sequences_shape)}"
             )
         super().build(sequences_shape, initial_state_shape)
+        # keras.layers.RNN copies the cell's state sizes when constructed; the previous output's
+        # size is known only once the cell is built.
+        self.state_size = list(self.cell.state_size)
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         check_float(self, sequences)
@@ -110,7 +116,7 @@ class ParallelRNN(keras.layers.RNN):
             expected = [(batch, size) for size in self.cell.state_size]
             if len(shapes) != len(expected) or not all(map(_dims_match, shapes, expected)):
                 raise ValueError(
-                    f"Layer '{self.name}' expects `initial_state` as [m, u, w] of shapes "
+                    f"Layer '{self.name}' expects `initial_state` as [y, m, u, w] of shapes "
                     f"{expected}. Received: shapes {shapes}"
                 )
         return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
@@ -123,26 +129,31 @@ class ParallelRNN(keras.layers.RNN):
         if self.go_backwards:
             sequences = ops.flip(sequences, axis=1)
             mask = None if mask is None else ops.flip(mask, axis=1)
-        # keras.layers.RNN outputs, at a masked step, the output of the last real step (0 before
-        # the first real token of the call), or 0 with zero_output_for_mask. A cell's output at a
-        # masked step need not equal that (a block's residual sees the masked token's input), so
-        # carry the last real output forward.
-        carry = mask is not None and not self.zero_output_for_mask
-        last_only = not self.return_sequences and not carry
+        previous, *states = initial_state  # (B, O), [...]
         outputs, states = self.cell.call_sequence(
             sequences,
-            initial_state,
+            states,
             mask=mask,
             method=self.method,
-            last_only=last_only,
+            last_only=not self.return_sequences and mask is None,
             training=training,
         )  # (B, T or 1, O)
-        if carry:
-            outputs = _carry_last_real(outputs, mask)
-        elif mask is not None:
-            keep = mask[:, -1:] if last_only else mask
-            outputs = ops.where(keep[..., None], outputs, ops.zeros_like(outputs))
-        return outputs[:, -1], outputs, states
+        if mask is None:
+            last = outputs[:, -1]
+        else:
+            # keras.layers.RNN outputs, at a masked step, the output of the last real step (0
+            # before the first real token of the call), or 0 with zero_output_for_mask. A cell's
+            # output at a masked step need not equal that (a block's residual sees the masked
+            # token's input), so carry the last real output forward. The state keeps the last
+            # real output, or the incoming one if the call saw no real token.
+            carried = _carry_last_real(outputs, mask)
+            seen = ops.any(mask, axis=1)[:, None]  # (B, 1)
+            last = ops.where(seen, carried[:, -1], ops.cast(previous, carried.dtype))
+            if self.zero_output_for_mask:
+                outputs = ops.where(mask[..., None], outputs, ops.zeros_like(outputs))
+            else:
+                outputs = carried
+        return outputs[:, -1], outputs, [ops.cast(last, previous.dtype), *states]
 
     @property
     def variables(self):
