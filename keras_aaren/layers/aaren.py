@@ -53,7 +53,9 @@ class AarenCell(keras.layers.Layer):
     first, as in every Keras cell (`LSTMCell`'s `[h, c]`), because Keras' RNN loop on JAX outputs
     the first state at a masked timestep; then the paper's state $(m, u, w)$ flattened to
     `(batch_size, num_heads)`, `(batch_size, num_heads)`, `(batch_size, num_heads * value_dim)`.
-    The all-zero state means "nothing seen yet".
+    The all-zero state means "nothing seen yet". `keras.layers.RNN` reads the state sizes when it
+    is constructed: with `return_state=True` on a symbolic input, give `output_dim` (or build the
+    cell first), since with `output_dim=None` the first state's size is unknown until then.
 
     Args:
         num_heads: int, number of attention heads, each with its own learned query.

@@ -23,7 +23,9 @@ class AarenBlockCell(keras.layers.Layer):
     The block runs one token at a time with the constant-size state of its `AarenCell`; every
     other part of the block (residuals, LayerNormalization, feed-forward network, dropout) acts
     on each token alone, so a stack of blocks streams exactly like one Aaren layer. Wrap it in
-    `keras.layers.RNN`, or use `layer.cell` of a trained `AarenBlock`.
+    `keras.layers.RNN`, or use `layer.cell` of a trained `AarenBlock`. Its first state is its
+    previous output, of the input's width: `keras.layers.RNN` reads the state sizes when it is
+    constructed, so with `return_state=True` on a symbolic input, build the cell first.
 
     Post-norm (the default, as in the original Transformer encoder):
 

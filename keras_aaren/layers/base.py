@@ -129,7 +129,8 @@ class ParallelRNN(keras.layers.RNN):
         if self.go_backwards:
             sequences = ops.flip(sequences, axis=1)
             mask = None if mask is None else ops.flip(mask, axis=1)
-        previous, *states = initial_state  # (B, O), [...]
+        # The previous output (B, O), then the states the cell's parallel form takes.
+        previous, *states = initial_state
         outputs, states = self.cell.call_sequence(
             sequences,
             states,

@@ -290,6 +290,32 @@ def test_functional_shapes_with_unknown_dims(return_sequences, return_state):
         ]
 
 
+@pytest.mark.parametrize("wrapper", ["aaren", "rnn_with_output_dim", "rnn_of_built_cell"])
+def test_functional_return_state_lists_the_previous_output(wrapper):
+    # The first state has the output's size, which with output_dim=None is the input width,
+    # known only once the cell is built; keras.layers.RNN copies the sizes when constructed.
+    inputs = keras.Input((None, FEATURES))
+    if wrapper == "aaren":
+        layer = Aaren(2, 4, return_state=True)
+        width = FEATURES
+    elif wrapper == "rnn_with_output_dim":
+        layer = keras.layers.RNN(AarenCell(2, 4, output_dim=5), return_state=True)
+        width = 5
+    else:
+        cell = AarenCell(2, 4)
+        cell.build((None, FEATURES))
+        layer = keras.layers.RNN(cell, return_state=True)
+        width = FEATURES
+    outputs = layer(inputs)
+    expected = [(None, width), (None, width), (None, 2), (None, 2), (None, 8)]
+    assert [tuple(o.shape) for o in outputs] == expected
+    x = data(3, 9)
+    results = keras.Model(inputs, outputs)(x)
+    assert [tuple(r.shape) for r in results] == [(3,) + e[1:] for e in expected]
+    # The previous-output state is the output itself.
+    assert_close(results[1], results[0])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_in_a_compiled_model(method):
     # Graph mode hides shapes that eager calls know; keras.ops.associative_scan on TensorFlow
