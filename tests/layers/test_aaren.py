@@ -145,27 +145,37 @@ def test_stateful_streaming_with_rnn_cell_matches_parallel():
 
 
 def test_gradients_match_stepping():
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("weight gradients are taken with tf.GradientTape")
-    import tensorflow as tf
-
-    x = tf.constant(data(2, 17, seed=5))
+    # Gradients for the input and every weight, through a mask with holes and an empty row; the
+    # weights go in as arguments of a stateless call, so every backend differentiates them.
+    x = data(2, 17, seed=5)
     mask = make_mask("holes", 2, 17, seed=5)
     mask[0, 3] = True
     layer = Aaren(2, 4, return_sequences=True)
     layer.build((None, None, FEATURES))
     stepping = keras.layers.RNN(layer.cell, return_sequences=True)
+    stepping.build((None, None, FEATURES))
+    assert [id(v) for v in stepping.trainable_variables] == [
+        id(v) for v in layer.trainable_variables
+    ]
+    weights = [to_numpy(v) for v in layer.trainable_variables]
     target = data(2, 17, seed=50)
 
-    def grads(rnn):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = keras.ops.sum(rnn(x, mask=mask) * target)
-        return tape.gradient(loss, [x, *layer.cell.trainable_variables])
+    def loss_of(rnn):
+        def loss(x, *trainable):
+            # A tensor mask: Keras' PyTorch rnn loop calls `.type` on it.
+            mask_tensor = keras.ops.convert_to_tensor(mask)
+            outputs, _ = rnn.stateless_call(list(trainable), [], x, mask=mask_tensor)
+            return keras.ops.sum(keras.ops.multiply(outputs, target))
 
-    for got, want in zip(grads(layer), grads(stepping)):
-        assert np.all(np.isfinite(to_numpy(got)))
-        assert_close(got, want, atol=1e-4, rtol=1e-4)
+        return loss
+
+    got = gradients(loss_of(layer), [x, *weights])
+    want = gradients(loss_of(stepping), [x, *weights])
+    assert len(got) == len(want) == 1 + len(weights)
+    for g, w in zip(got, want):
+        # Nonzero: a call that read the variables instead of its arguments would give zeros.
+        assert np.all(np.isfinite(g)) and np.any(g != 0)
+        assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
 def test_input_gradients_match_oracle():
