@@ -218,7 +218,8 @@ class AarenBlockCell(keras.layers.Layer):
         return self._rest_of_block(sequences, attended, training), new_states
 
     def get_initial_state(self, batch_size=None):
-        return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]
+        # The attention's output has the block's width, so its states have the block's sizes.
+        return self.attention.get_initial_state(batch_size)
 
     def arg_config(self):
         """The constructor arguments, serialized (no base-layer keys)."""
