@@ -23,9 +23,10 @@ import numpy as np
 from keras import backend, ops
 
 METHODS = ("auto", "sequential", "associative", "chunked")
-# Measured on a 2-core CPU (TF with XLA, batch 8, 4 heads of 16, forward+backward of the scan at
-# T = 4096): 43 ms for 16, 55 for 8, 136 for 32, 187 for 64. The intra-chunk work grows as T·C.
-DEFAULT_CHUNK_SIZE = 16
+# Measured on a 2-core CPU (TF, the scan's XLA kernel, batch 8, 4 heads of 16, forward+backward
+# of the scan at T = 4096, medians): 30 ms for 8, 31-37 for 4, 36-37 for 16, 54-60 for 32, 91-96
+# for 64. The intra-chunk work grows as T·C; below 8 the prefix over chunk summaries dominates.
+DEFAULT_CHUNK_SIZE = 8
 
 
 def scan_dtype(dtype):
