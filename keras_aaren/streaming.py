@@ -12,12 +12,12 @@ Three forms of the same trained weights:
   `step` signature, for deployment without Python or Keras.
 
 The state of every recurrent layer is a fixed list of `(batch_size, size)` tensors (for Aaren:
-`[y, m, u, w]`, the previous output and the paper's state); its size never depends on how many
-tokens were seen. Streaming is exact for models whose layers act causally along time: Aaren
-layers and blocks, Keras RNNs, and layers that act on each timestep alone (Dense,
-LayerNormalization, Dropout, Masking, ...). Layers that mix timesteps in a way the stream cannot
-reproduce (Bidirectional, MultiHeadAttention, pooling over time, Flatten, Conv1D with a kernel
-wider than 1, which would need past inputs) are refused with a ValueError.
+`[y, c]`, the previous output and the paper's state $(m, u, w)$ in one tensor); its size never
+depends on how many tokens were seen. Streaming is exact for models whose layers act causally
+along time: Aaren layers and blocks, Keras RNNs, and layers that act on each timestep alone
+(Dense, LayerNormalization, Dropout, Masking, ...). Layers that mix timesteps in a way the stream
+cannot reproduce (Bidirectional, MultiHeadAttention, pooling over time, Flatten, Conv1D with a
+kernel wider than 1, which would need past inputs) are refused with a ValueError.
 """
 
 import keras
@@ -226,7 +226,7 @@ def get_states(model):
     >>> streaming = to_streaming(model, batch_size=5)
     >>> _ = streaming(np.ones((5, 7, 3), "float32"))
     >>> {path: [a.shape for a in arrays] for path, arrays in get_states(streaming).items()}
-    {'aaren': [(5, 3), (5, 2), (5, 2), (5, 8)]}
+    {'aaren': [(5, 3), (5, 12)]}
     """
     _check_layer("model", model)
     return {
@@ -407,7 +407,7 @@ def make_step_model(model, batch_size):
     """A stateless Keras model for one token: `[x_t, *states] -> [y_t, *new_states]`.
 
     `x_t` is `(batch_size, features)`; the states are the `(batch_size, size)` states of every
-    recurrent layer in order (for each Aaren layer or block `[y, m, u, w]`), all zeros for a new
+    recurrent layer in order (for each Aaren layer or block `[y, c]`), all zeros for a new
     stream; `y_t` is the model's output for that token. Recurrent layers are copied (weights
     included); every other layer is shared with `model`.
 
@@ -429,8 +429,8 @@ def make_step_model(model, batch_size):
     >>> from keras_aaren import Aaren
     >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
     >>> step_model = make_step_model(model, batch_size=1)
-    >>> [tuple(t.shape) for t in step_model.inputs]  # x_t, then y, m, u, w
-    [(1, 3), (1, 3), (1, 2), (1, 2), (1, 8)]
+    >>> [tuple(t.shape) for t in step_model.inputs]  # x_t, then y and c = (m, u, w)
+    [(1, 3), (1, 3), (1, 12)]
     >>> x = np.random.rand(1, 3).astype("float32")
     >>> y, *states = step_model.predict_on_batch([x, *initial_states(step_model)])
     >>> bool(np.allclose(y, model.predict(x[:, None], verbose=0)[:, 0], atol=1e-5))
@@ -460,7 +460,7 @@ def initial_states(step_model):
     >>> from keras_aaren import Aaren
     >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
     >>> tuple(s.shape for s in initial_states(make_step_model(model, batch_size=5)))
-    ((5, 3), (5, 2), (5, 2), (5, 8))
+    ((5, 3), (5, 12))
     """
     return [np.zeros(x.shape, dtype=x.dtype) for x in step_model.inputs[1:]]
 
@@ -621,7 +621,7 @@ def export_saved_model(model, path, batch_size):
     >>> path = export_saved_model(model, tempfile.mkdtemp(), batch_size=1)
     >>> step = tf.saved_model.load(path).signatures["step"]
     >>> x = np.random.rand(1, 3).astype("float32")
-    >>> sizes = [3, 2, 2, 8]  # y, m, u, w
+    >>> sizes = [3, 12]  # y, then c = (m, u, w): 2 + 2 + 2 * 4
     >>> states = {f"state_{i}": tf.zeros((1, n)) for i, n in enumerate(sizes)}
     >>> out = step(x=tf.constant(x), **states)
     >>> bool(np.allclose(out["y"], model(x[:, None])[:, 0], atol=1e-5))
@@ -667,7 +667,7 @@ def export_tflite(model, path, batch_size):
     >>> path = export_tflite(model, os.path.join(tempfile.mkdtemp(), "step.tflite"), batch_size=1)
     >>> step = tf.lite.Interpreter(model_path=path).get_signature_runner("step")
     >>> x = np.random.rand(1, 3).astype("float32")
-    >>> sizes = [3, 2, 2, 8]  # y, m, u, w
+    >>> sizes = [3, 12]  # y, then c = (m, u, w): 2 + 2 + 2 * 4
     >>> states = {f"state_{i}": np.zeros((1, n), "float32") for i, n in enumerate(sizes)}
     >>> out = step(x=x, **states)
     >>> bool(np.allclose(out["y"], model(x[:, None])[:, 0], atol=1e-5))

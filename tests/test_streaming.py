@@ -215,7 +215,7 @@ def test_million_token_stream_against_float64():
         for t in checkpoints:
             if start <= t < start + chunk:
                 got[t] = y[:, t - start]
-    assert state_shapes == {((batch, 3), (batch, 2), (batch, 2), (batch, 4))}
+    assert state_shapes == {((batch, 3), (batch, 2 + 2 + 2 * 2))}
     assert all(np.all(np.isfinite(to_numpy(v))) for v in layer.states)
 
     # Rebuild the same stream for the reference, chunk by chunk, in float64.

@@ -49,13 +49,16 @@ class AarenCell(keras.layers.Layer):
     that of `keras.layers.MultiHeadAttention` plus $\\bar q$); `key_kernel` $W_k$,
     `value_kernel` $W_v$, `output_kernel` $W_o$.
 
-    The states are `[y, m, u, w]`: the previous output $y_{t-1}$, `(batch_size, output_dim)`,
-    first, as in every Keras cell (`LSTMCell`'s `[h, c]`), because Keras' RNN loop on JAX outputs
-    the first state at a masked timestep; then the paper's state $(m, u, w)$ flattened to
-    `(batch_size, num_heads)`, `(batch_size, num_heads)`, `(batch_size, num_heads * value_dim)`.
-    The all-zero state means "nothing seen yet". `keras.layers.RNN` reads the state sizes when it
-    is constructed: with `return_state=True` on a symbolic input, give `output_dim` (or build the
-    cell first), since with `output_dim=None` the first state's size is unknown until then.
+    The states are `[y, c]`, like `LSTMCell`'s `[h, c]`: the previous output $y_{t-1}$,
+    `(batch_size, output_dim)`, first, because Keras' RNN loop on JAX outputs the first state at a
+    masked timestep; then the paper's state $(m, u, w)$ in one tensor $c$ of shape
+    `(batch_size, 2 * num_heads + num_heads * value_dim)`: $m$ in its first `num_heads` columns,
+    $u$ in the next `num_heads`, $w$ flattened in the rest (`unflatten_state` splits it). One
+    tensor rather than three, because every state tensor costs a per-call overhead when a step is
+    served (about 20 us each on TensorFlow). The all-zero state means "nothing seen yet".
+    `keras.layers.RNN` reads the state sizes when it is constructed: with `return_state=True` on a
+    symbolic input, give `output_dim` (or build the cell first), since with `output_dim=None` the
+    first state's size is unknown until then.
 
     Args:
         num_heads: int, number of attention heads, each with its own learned query.
@@ -78,13 +81,12 @@ class AarenCell(keras.layers.Layer):
 
     Call arguments:
         inputs: tensor of shape `(batch_size, features)`, one token.
-        states: list `[y, m, u, w]` of shapes `(batch_size, output_dim)`,
-            `(batch_size, num_heads)`, `(batch_size, num_heads)`,
-            `(batch_size, num_heads * value_dim)`.
+        states: list `[y, c]` of shapes `(batch_size, output_dim)` and
+            `(batch_size, 2 * num_heads + num_heads * value_dim)`.
 
     Returns:
         A tuple `(output, new_states)`: `output` of shape `(batch_size, output_dim)`, and the
-        new states `[output, m, u, w]` in the dtypes of `states`.
+        new states `[output, c]` in the dtypes of `states`.
 
     Raises:
         ValueError: if `num_heads`, `key_dim`, `value_dim` or `output_dim` is not a positive
@@ -151,7 +153,7 @@ class AarenCell(keras.layers.Layer):
     def state_size(self):
         # The output's size is that of the input when `output_dim` is None, known after `build`.
         heads = self.num_heads
-        return [self.output_size, heads, heads, heads * self.value_dim]
+        return [self.output_size, 2 * heads + heads * self.value_dim]
 
     def build(self, input_shape):
         check_token_shape(self, input_shape)
@@ -231,30 +233,40 @@ class AarenCell(keras.layers.Layer):
         return ops.reshape(outputs, lead + (kernel.shape[-1],))
 
     def unflatten_state(self, states):
-        """`[m, u, w]` with `w` flat `(B, H * D)` -> `(m, u, w)` with `w` of shape `(B, H, D)`."""
-        m, u, w = states
-        return m, u, ops.reshape(w, (-1, self.num_heads, self.value_dim))
+        """The state `[c]` after the previous output -> the paper's `(m, u, w)`.
+
+        Args:
+            states: list `[c]`, `c` of shape `(batch_size, 2 * num_heads + num_heads * value_dim)`.
+
+        Returns:
+            A tuple `(m, u, w)` of shapes `(batch_size, num_heads)`, `(batch_size, num_heads)`,
+            `(batch_size, num_heads, value_dim)`.
+        """
+        (c,) = states
+        heads = self.num_heads
+        w = ops.reshape(c[:, 2 * heads :], (-1, heads, self.value_dim))
+        return c[:, :heads], c[:, heads : 2 * heads], w
 
     def flatten_state(self, state, dtype):
-        """`(m, u, w)` -> the cell's flat states `[m, u, w]` in `dtype`."""
+        """The paper's `(m, u, w)` -> the state `[c]` after the previous output, in `dtype`."""
         m, u, w = state
         w = ops.reshape(w, (-1, self.num_heads * self.value_dim))
-        return [ops.cast(x, dtype) for x in (m, u, w)]
+        return [ops.cast(ops.concatenate([m, u, w], axis=-1), dtype)]
 
     def call(self, inputs, states):
         outputs, new_states = self.call_token(inputs, states[1:])
         return outputs, [ops.cast(outputs, states[0].dtype), *new_states]
 
     def call_token(self, inputs, states):
-        """One token with the paper's flat states `[m, u, w]` only (no previous output).
+        """One token with the paper's state `[c]` only (no previous output).
 
         Args:
             inputs: tensor `(batch_size, features)`.
-            states: the flat states `[m, u, w]`.
+            states: list `[c]`, the paper's $(m, u, w)$ in one tensor (see the class docstring).
 
         Returns:
-            A tuple `(outputs, new_states)`: `(batch_size, output_dim)` and the new `[m, u, w]`
-            in the dtype of `states`.
+            A tuple `(outputs, new_states)`: `(batch_size, output_dim)` and the new `[c]` in the
+            dtype of `states`.
         """
         check_float(self, inputs)
         state = self.unflatten_state(states)
@@ -269,8 +281,8 @@ class AarenCell(keras.layers.Layer):
 
         Args:
             sequences: tensor `(batch_size, timesteps, features)`.
-            states: the incoming flat states `[m, u, w]` (without the previous output, which
-                `ParallelRNN` tracks).
+            states: the incoming state `[c]` (without the previous output, which `ParallelRNN`
+                tracks).
             mask: optional boolean tensor `(batch_size, timesteps)`.
             method: the `aaren_scan` method.
             last_only: return only the last timestep's output, `(batch_size, 1, output_dim)`.
@@ -278,7 +290,7 @@ class AarenCell(keras.layers.Layer):
 
         Returns:
             A tuple `(outputs, new_states)`: `(batch_size, timesteps, output_dim)` (or
-            `(batch_size, 1, output_dim)` with `last_only`) and the final flat `[m, u, w]`.
+            `(batch_size, 1, output_dim)` with `last_only`) and the final `[c]`.
         """
         scores, values = self.project(sequences)  # (B, T, H), (B, T, H, D)
         attended, final = aaren_scan(
@@ -358,7 +370,7 @@ class Aaren(ParallelRNN):
             `"chunked"`, `"associative"` (the paper's parallel prefix scan), or `"sequential"`
             (the `keras.layers.RNN` step loop over the cell). See `keras_aaren.ops.aaren_scan`.
         return_sequences: bool, return the output at every timestep, or only the last.
-        return_state: bool, also return the final states `[y, m, u, w]` (see `AarenCell`).
+        return_state: bool, also return the final states `[y, c]` (see `AarenCell`).
         go_backwards: bool, process the sequence backwards and return the reversed sequence.
         stateful: bool, the final states of a batch are the initial states of the next one.
         unroll: bool, unroll the step loop; used only by `method="sequential"`.
@@ -368,17 +380,16 @@ class Aaren(ParallelRNN):
 
     Call arguments:
         sequences: tensor of shape `(batch_size, timesteps, features)`.
-        initial_state: optional list `[y, m, u, w]` of shapes `(batch_size, output_dim)`,
-            `(batch_size, num_heads)`, `(batch_size, num_heads)`,
-            `(batch_size, num_heads * value_dim)`, e.g. the states returned by a previous call
-            with `return_state=True`.
+        initial_state: optional list `[y, c]` of shapes `(batch_size, output_dim)` and
+            `(batch_size, 2 * num_heads + num_heads * value_dim)` (see `AarenCell`), e.g. the
+            states returned by a previous call with `return_state=True`.
         mask: optional boolean tensor `(batch_size, timesteps)`, True for a real token; masked
             tokens change neither the state nor the output.
         training: bool, training or inference mode.
 
     Returns:
         `(batch_size, timesteps, output_dim)` if `return_sequences`, else
-        `(batch_size, output_dim)`; with `return_state`, followed by the four final states.
+        `(batch_size, output_dim)`; with `return_state`, followed by the two final states.
 
     Raises:
         ValueError: for a non-positive `num_heads`, `key_dim`, `value_dim` or `output_dim`, an

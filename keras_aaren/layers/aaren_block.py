@@ -61,13 +61,13 @@ class AarenBlockCell(keras.layers.Layer):
 
     Call arguments:
         inputs: tensor of shape `(batch_size, width)`, one token.
-        states: list `[y, m, u, w]`: the block's previous output, then the state of the Aaren
-            attention (see `AarenCell`).
+        states: list `[y, c]`: the block's previous output, then the state of the Aaren
+            attention, the paper's $(m, u, w)$ in one tensor (see `AarenCell`).
         training: bool, whether dropout is active.
 
     Returns:
         A tuple `(output, new_states)`, `output` of shape `(batch_size, width)` and the new
-        states `[output, m, u, w]`.
+        states `[output, c]`.
 
     Raises:
         ValueError: if `num_heads`, `key_dim`, `value_dim` or `ffn_dim` is not a positive
@@ -133,9 +133,9 @@ class AarenBlockCell(keras.layers.Layer):
 
     @property
     def state_size(self):
-        # The block's previous output, then the attention's [m, u, w] flat.
+        # The block's previous output, then the attention's (m, u, w) in one tensor.
         heads = self.num_heads
-        return [self.input_dim, heads, heads, heads * self.value_dim]
+        return [self.input_dim, 2 * heads + heads * self.value_dim]
 
     def _sublayer_arguments(self):
         return dict(
@@ -205,7 +205,7 @@ class AarenBlockCell(keras.layers.Layer):
         self, sequences, states, mask=None, method="auto", last_only=False, training=False
     ):
         """The parallel form of the block over `(batch_size, timesteps, width)`, with the
-        attention's states `[m, u, w]`; see `AarenCell.call_sequence`."""
+        attention's state `[c]`; see `AarenCell.call_sequence`."""
         attended, new_states = self.attention.call_sequence(
             self._attention_input(sequences),
             states,
@@ -282,7 +282,7 @@ class AarenBlock(ParallelRNN):
         bias_regularizer: regularizer of all biases.
         method: the scan, as for `Aaren` (`"sequential"` steps the cell).
         return_sequences: bool, output every timestep (default True: blocks stack) or the last.
-        return_state: bool, also return the final states `[y, m, u, w]`.
+        return_state: bool, also return the final states `[y, c]`.
         go_backwards: bool, process the sequence backwards.
         stateful: bool, carry the state from one batch to the next.
         unroll: bool, unroll the step loop (`method="sequential"` only).
@@ -291,14 +291,14 @@ class AarenBlock(ParallelRNN):
 
     Call arguments:
         sequences: tensor `(batch_size, timesteps, width)`.
-        initial_state: optional list `[y, m, u, w]` (see `AarenBlockCell`), e.g. from a call
+        initial_state: optional list `[y, c]` (see `AarenBlockCell`), e.g. from a call
             with `return_state=True`.
         mask: optional boolean tensor `(batch_size, timesteps)`.
         training: bool, whether dropout is active.
 
     Returns:
         `(batch_size, timesteps, width)` (or `(batch_size, width)` without `return_sequences`),
-        followed by the four final states with `return_state`.
+        followed by the two final states with `return_state`.
 
     Raises:
         ValueError: as `AarenBlockCell`, plus an unknown `method`, a non-float or wrongly shaped

@@ -116,7 +116,7 @@ class ParallelRNN(keras.layers.RNN):
             expected = [(batch, size) for size in self.cell.state_size]
             if len(shapes) != len(expected) or not all(map(_dims_match, shapes, expected)):
                 raise ValueError(
-                    f"Layer '{self.name}' expects `initial_state` as [y, m, u, w] of shapes "
+                    f"Layer '{self.name}' expects `initial_state` as [y, c] of shapes "
                     f"{expected}. Received: shapes {shapes}"
                 )
         return super().call(sequences, initial_state=initial_state, mask=mask, training=training)

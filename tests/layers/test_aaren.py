@@ -56,8 +56,8 @@ def test_parallel_matches_stepping(
     layer = Aaren(2, 4, **options)
     parallel = layer(x, mask=mask)
     stepped = keras.layers.RNN(layer.cell, **options)(x, mask=mask)
-    assert len(parallel) == len(stepped) == 5
-    for name, got, want in zip(["output", "y", "m", "u", "w"], parallel, stepped):
+    assert len(parallel) == len(stepped) == 3
+    for name, got, want in zip(["output", "y", "c"], parallel, stepped):
         assert_close(got, want, what=name)
 
 
@@ -286,7 +286,7 @@ def test_functional_shapes_with_unknown_dims(return_sequences, return_state):
     outputs = outputs if return_state else [outputs]
     expected = [(None, None, 7) if return_sequences else (None, 7)]
     if return_state:
-        expected += [(None, 7), (None, 2), (None, 2), (None, 6)]
+        expected += [(None, 7), (None, 2 + 2 + 2 * 3)]
     assert [tuple(o.shape) for o in outputs] == expected
     model = keras.Model(inputs, outputs)
     for steps in (1, 13):
@@ -317,7 +317,7 @@ def test_functional_return_state_lists_the_previous_output(wrapper):
         layer = keras.layers.RNN(cell, return_state=True)
         width = FEATURES
     outputs = layer(inputs)
-    expected = [(None, width), (None, width), (None, 2), (None, 2), (None, 8)]
+    expected = [(None, width), (None, width), (None, 2 + 2 + 2 * 4)]
     assert [tuple(o.shape) for o in outputs] == expected
     x = data(3, 9)
     results = keras.Model(inputs, outputs)(x)
@@ -425,8 +425,11 @@ def test_bad_inputs_raise():
         Aaren(2, 4)(np.zeros((2, 5, 3), "int32"))
     with pytest.raises(ValueError, match=r"`mask` of shape.*Received: mask.shape=\(2, 4\)"):
         Aaren(2, 4)(data(2, 5), mask=np.ones((2, 4), bool))
-    with pytest.raises(ValueError, match=r"`initial_state` as \[y, m, u, w\]"):
+    with pytest.raises(ValueError, match=r"`initial_state` as \[y, c\]"):
         Aaren(2, 4)(data(2, 5), initial_state=[np.zeros((2, 2), "float32")] * 3)
+    # The layout of earlier versions, [y, m, u, w], is refused, not misread.
+    with pytest.raises(ValueError, match=r"`initial_state` as \[y, c\]"):
+        Aaren(2, 4)(data(2, 5), initial_state=[np.zeros((2, n), "float32") for n in (3, 2, 2, 8)])
     with pytest.raises(
         ValueError,
         match=r"\(batch_size, features\).*Received: "
