@@ -550,7 +550,7 @@ def make_step_function(model, batch_size, jit_compile=None):
         def convert(t, spec):
             # NumPy inputs are converted to the signature's dtypes, as tf.function does. Tensors
             # of that dtype (the states a step returned) go in as they are: converting them again
-            # costs about 5 us each, and a 4-block Aaren model has 16 states.
+            # costs about 5 us each, and a 4-block Aaren model has 8 states.
             if isinstance(t, tf.Tensor) and t.dtype == spec.dtype:
                 return t
             return tf.convert_to_tensor(t, spec.dtype)

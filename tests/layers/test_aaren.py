@@ -77,6 +77,22 @@ def test_initial_state_carries_over():
         assert_close(got, want)
 
 
+def test_state_c_holds_the_papers_m_u_w():
+    # c is documented as [m | u | w flattened]: check it against the paper's state written out in
+    # numpy from the layer's weights, and check that unflatten_state gives (m, u, w) back.
+    x = data(2, 17, seed=6, scale=3.0)
+    layer = Aaren(2, 4, value_dim=3, return_state=True)
+    _, _, c = layer(x)
+    scores, values = numpy_projections(layer.cell, x)  # (B, T, H), (B, T, H, D)
+    m = scores.max(axis=1)
+    weights = np.exp(scores - m[:, None])
+    u = weights.sum(axis=1)
+    w = np.einsum("bth,bthd->bhd", weights, values)
+    assert_close(c, np.concatenate([m, u, w.reshape(2, -1)], axis=-1), atol=5e-5, rtol=5e-5)
+    for name, got, want in zip("muw", layer.cell.unflatten_state([c]), (m, u, w)):
+        assert_close(got, want, atol=5e-5, rtol=5e-5, what=name)
+
+
 def _stream(layer, x, sizes):
     outputs, start = [], 0
     for size in sizes:
