@@ -8,8 +8,10 @@ Run (the defaults are the issue's protocol: batch 8, width 64, 4 heads of 16, fl
 
 Each contender is one layer called on `(batch, T, width)` inside a `tf.function` that computes
 the output, a sum-of-squares loss and the gradients with respect to the input and the weights.
-The function is traced and run twice before timing; the table reports the median of `--repeats`
-runs and, per length, each contender's time divided by Aaren's, all measured in the same run.
+Each function is traced and run twice before timing. Then, per length, the contenders are timed
+in turns: each of `--repeats` rounds times one step of every contender, so that a slow spell of a
+shared machine falls on all of them alike. The table reports each contender's median and its
+time divided by Aaren's, all measured in the same run; the JSON keeps every sample.
 
 Contenders:
 
@@ -143,16 +145,28 @@ def train_step_on(make_layer, batch, steps, width, xla=False):
     return run
 
 
-def time_layer(make_layer, batch, steps, width, repeats, xla):
-    run = train_step_on(make_layer, batch, steps, width, xla)
-    for _ in range(2):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def time_round_robin(makers, batch, steps, width, repeats, xla):
+    """Median ms of each contender's step, the contenders timed in turns.
+
+    Every contender is built, traced and run twice first; then each of `repeats` rounds times
+    one step of every contender, starting one contender further along each round. A slow spell
+    of this shared machine then falls on every contender alike instead of on whichever happened
+    to be timed during it, which matters for ratios: back to back, a median of 5 of Aaren's
+    step at T = 4096 moved 1.4x between two runs. Returns `{name: median}` and every sample.
+    """
+    runs = {name: train_step_on(make, batch, steps, width, xla) for name, make in makers.items()}
+    for run in runs.values():
+        for _ in range(2):
+            run()
+    names = list(runs)
+    samples = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runs[name]()
+            samples[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(times) for name, times in samples.items()}, samples
 
 
 def main(argv=None):
@@ -161,7 +175,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--key-dim", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--xla", action="store_true", help="tf.function(jit_compile=True)")
     parser.add_argument("--only", nargs="+", help="run only these contenders")
     parser.add_argument("--output-dir", default="outputs/benchmarks")
@@ -178,12 +192,15 @@ def main(argv=None):
     if args.only:
         chosen = {name: chosen[name] for name in args.only}
     results = {name: {} for name in chosen}
+    samples = {name: {} for name in chosen}
     for steps in args.lengths:
-        for name, make in chosen.items():
-            if steps > MAX_LENGTH.get(name, steps):
-                continue
-            ms = time_layer(make, args.batch, steps, width, args.repeats, args.xla)
+        makers = {n: make for n, make in chosen.items() if steps <= MAX_LENGTH.get(n, steps)}
+        medians, times = time_round_robin(
+            makers, args.batch, steps, width, args.repeats, args.xla
+        )
+        for name, ms in medians.items():
             results[name][steps] = ms
+            samples[name][steps] = times[name]
             print(f"T={steps:6d} {name:18s} {ms:10.2f} ms", flush=True)
 
     print(f"\nforward+backward, median of {args.repeats} (ms); ratio = time / aaren's")
@@ -203,6 +220,7 @@ def main(argv=None):
         "protocol": vars(args) | {"width": width, "oracle_max_error": error},
         "machine": machine(),
         "median_ms": results,
+        "samples_ms": samples,
     }
     with open(os.path.join(args.output_dir, "layers.json"), "w") as f:
         json.dump(record, f, indent=2)

@@ -33,6 +33,9 @@ def test_layers_benchmark_smoke(tmp_path):
     assert status == 0
     record = json.loads((tmp_path / "layers.json").read_text())
     assert set(record["median_ms"]) == {"aaren", "tfp_style", "mha_causal"}
+    # One round of turns: one sample per contender, and the median is that sample.
+    for name, row in record["samples_ms"].items():
+        assert row["8"] == [record["median_ms"][name]["8"]]
     assert record["protocol"]["oracle_max_error"] < 1e-4
     assert (tmp_path / "layers.png").stat().st_size > 0
 
