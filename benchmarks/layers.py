@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -99,6 +100,16 @@ def contenders(heads, key_dim, width):
     }
 
 
+# The environment variables that choose how host memory is allocated. They move Aaren's figures
+# on TensorFlow's CPU backend by up to 1.4x (docs/benchmarks.md), so every record names them.
+ALLOCATOR_VARIABLES = (
+    "TF_CPU_ALLOCATOR_USE_BFC",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "LD_PRELOAD",
+)
+
+
 def machine():
     """What the figures were measured on, for the JSON record."""
     return {
@@ -107,7 +118,17 @@ def machine():
         "cpus": os.cpu_count(),
         "keras": keras.__version__,
         "backend": keras.backend.backend(),
+        "allocator": {name: os.environ.get(name) for name in ALLOCATOR_VARIABLES},
     }
+
+
+def timed(fn):
+    """Milliseconds and minor page faults of one call of `fn` (memory the OS had to hand back)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    fn()
+    ms = 1000 * (time.perf_counter() - start)
+    return ms, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def check_correctness():
@@ -152,7 +173,8 @@ def time_round_robin(makers, batch, steps, width, repeats, xla):
     one step of every contender, starting one contender further along each round. A slow spell
     of this shared machine then falls on every contender alike instead of on whichever happened
     to be timed during it, which matters for ratios: back to back, a median of 5 of Aaren's
-    step at T = 4096 moved 1.4x between two runs. Returns `{name: median}` and every sample.
+    step at T = 4096 moved 1.4x between two runs. Returns `{name: median}`, every sample, and
+    each contender's median count of minor page faults per step.
     """
     runs = {name: train_step_on(make, batch, steps, width, xla) for name, make in makers.items()}
     for run in runs.values():
@@ -160,13 +182,15 @@ def time_round_robin(makers, batch, steps, width, repeats, xla):
             run()
     names = list(runs)
     samples = {name: [] for name in names}
+    faults = {name: [] for name in names}
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            runs[name]()
-            samples[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(times) for name, times in samples.items()}, samples
+            ms, count = timed(runs[name])
+            samples[name].append(ms)
+            faults[name].append(count)
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    return medians, samples, {name: statistics.median(f) for name, f in faults.items()}
 
 
 def main(argv=None):
@@ -193,15 +217,20 @@ def main(argv=None):
         chosen = {name: chosen[name] for name in args.only}
     results = {name: {} for name in chosen}
     samples = {name: {} for name in chosen}
+    faults = {name: {} for name in chosen}
     for steps in args.lengths:
         makers = {n: make for n, make in chosen.items() if steps <= MAX_LENGTH.get(n, steps)}
-        medians, times = time_round_robin(
+        medians, times, counts = time_round_robin(
             makers, args.batch, steps, width, args.repeats, args.xla
         )
         for name, ms in medians.items():
             results[name][steps] = ms
             samples[name][steps] = times[name]
-            print(f"T={steps:6d} {name:18s} {ms:10.2f} ms", flush=True)
+            faults[name][steps] = counts[name]
+            print(
+                f"T={steps:6d} {name:18s} {ms:10.2f} ms  {counts[name]:9.0f} page faults",
+                flush=True,
+            )
 
     print(f"\nforward+backward, median of {args.repeats} (ms); ratio = time / aaren's")
     print("contender           " + "".join(f"{f'T={t}':>20s}" for t in args.lengths))
@@ -221,6 +250,7 @@ def main(argv=None):
         "machine": machine(),
         "median_ms": results,
         "samples_ms": samples,
+        "page_faults_per_step": faults,
     }
     with open(os.path.join(args.output_dir, "layers.json"), "w") as f:
         json.dump(record, f, indent=2)

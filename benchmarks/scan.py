@@ -9,8 +9,10 @@ A cumulative sum over the values reads and writes the tensor once: it is the lea
 reduction over them can cost. Both are timed inside a caller's `tf.function`, once without XLA
 (`aaren_scan` then runs its own XLA-compiled kernel, as it does for an eager call) and once with
 `jit_compile=True` (the scan is compiled inline with its caller). The table reports medians of
-`--repeats` runs and the ratio scan / cumsum, measured in the same run. It refuses to report if
-the scan does not match the naive softmax oracle first. Results go to `<output-dir>/scan.json`.
+`--repeats` runs and the ratio scan / cumsum, measured in the same run, and each call's median
+count of minor page faults (fresh memory the OS had to hand over, see `docs/benchmarks.md`).
+It refuses to report if the scan does not match the naive softmax oracle first. Results go to
+`<output-dir>/scan.json`.
 """
 
 import argparse
@@ -18,12 +20,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import keras
 import numpy as np
 
-from benchmarks.layers import machine
+from benchmarks.layers import machine, timed
 from keras_aaren.ops import aaren_attention_naive, aaren_scan
 
 
@@ -38,14 +39,11 @@ def check_correctness():
 
 
 def median_ms(fn, args, repeats):
+    """Median milliseconds of `fn(*args)` and its median count of minor page faults."""
     for _ in range(2):
         fn(*args).numpy()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args).numpy()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    samples = [timed(lambda: fn(*args).numpy()) for _ in range(repeats)]
+    return tuple(statistics.median(column) for column in zip(*samples))
 
 
 def main(argv=None):
@@ -72,17 +70,16 @@ def main(argv=None):
         for xla in (False, True):
             cumsum = tf.function(lambda v: tf.math.cumsum(v, axis=1), jit_compile=xla)
             scan = tf.function(lambda s, v: aaren_scan(s, v)[0], jit_compile=xla)
-            row = {
-                "T": steps,
-                "caller": "tf.function(jit_compile=True)" if xla else "tf.function",
-                "cumsum_ms": median_ms(cumsum, (values,), args.repeats),
-                "scan_ms": median_ms(scan, (scores, values), args.repeats),
-            }
+            row = {"T": steps, "caller": "tf.function(jit_compile=True)" if xla else "tf.function"}
+            pairs = (("cumsum", cumsum, (values,)), ("scan", scan, (scores, values)))
+            for name, fn, inputs in pairs:
+                row[f"{name}_ms"], row[f"{name}_page_faults"] = median_ms(fn, inputs, args.repeats)
             row["ratio"] = row["scan_ms"] / row["cumsum_ms"]
             results.append(row)
             print(
                 f"T={steps:6d} {row['caller']:32s} cumsum {row['cumsum_ms']:8.2f} ms   "
-                f"scan {row['scan_ms']:8.2f} ms   scan/cumsum {row['ratio']:5.2f}x",
+                f"scan {row['scan_ms']:8.2f} ms   scan/cumsum {row['ratio']:5.2f}x   "
+                f"page faults {row['cumsum_page_faults']:.0f} / {row['scan_page_faults']:.0f}",
                 flush=True,
             )
     os.makedirs(args.output_dir, exist_ok=True)

@@ -36,6 +36,8 @@ def test_layers_benchmark_smoke(tmp_path):
     # One round of turns: one sample per contender, and the median is that sample.
     for name, row in record["samples_ms"].items():
         assert row["8"] == [record["median_ms"][name]["8"]]
+    assert set(record["page_faults_per_step"]) == {"aaren", "tfp_style", "mha_causal"}
+    assert "TF_CPU_ALLOCATOR_USE_BFC" in record["machine"]["allocator"]
     assert record["protocol"]["oracle_max_error"] < 1e-4
     assert (tmp_path / "layers.png").stat().st_size > 0
 
@@ -52,6 +54,7 @@ def test_scan_benchmark_smoke(tmp_path):
         "tf.function(jit_compile=True)",
     ]
     assert record["protocol"]["oracle_max_error"] < 1e-4
+    assert all(row["scan_page_faults"] >= 0 for row in record["results"])
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
