@@ -269,17 +269,30 @@ def plot(results, path, args):
     )
 
 
-def plot_against_length(results, path, ylabel, title):
-    """`{contender: {T: value}}` as one log-log line per contender, saved to `path`."""
+def plot_against_length(results, path, ylabel, title, lower_bounds=None):
+    """`{contender: {T: value}}` as one log-log line per contender, saved to `path`.
+
+    `lower_bounds`, of the same structure, are values known only to be exceeded: drawn as
+    upward triangles in the contender's colour, unconnected.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    lower_bounds = lower_bounds or {}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, row in results.items():
+    for name in results:
+        row, bounds = results[name], lower_bounds.get(name, {})
+        if not row and not bounds:
+            continue
         lengths = sorted(row)
-        ax.plot(lengths, [row[t] for t in lengths], marker="o", label=name)
+        (line,) = ax.plot(lengths, [row[t] for t in lengths], marker="o", label=name)
+        if bounds:
+            label = f"{name}: more than (stopped)"
+            points = sorted(bounds)
+            y = [bounds[t] for t in points]
+            ax.plot(points, y, "^", color=line.get_color(), linestyle="none", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T")

@@ -10,8 +10,13 @@ compiled training step of `benchmarks.layers` once (tracing and compiling it), t
 kernel's peak-resident counter (`/proc/self/clear_refs`), runs the step again and reports the
 peak resident memory above what the process held just before: the working memory of one step,
 without the compiler's. The process runs with a fixed `MALLOC_MMAP_THRESHOLD_`, so that freed
-buffers go back to the system and the resident size follows what is live. A length where a
-contender is left out in `benchmarks.layers` is left out here too. Results go to
+buffers go back to the system and the resident size follows what is live.
+
+A contender that does not fit is measured too, as a lower bound: the parent watches each child's
+resident size and stops it once it has grown by `--cap-gib` above what it held before its first
+call (default 10 GiB, safe on a 24 GiB machine). Causal attention at T = 8192 ends that way; the
+record then says the first call needed more than the cap. The first call also traces the step,
+so every measured child reports its first call's growth too, for comparison. Results go to
 `<output-dir>/memory.json` and `<output-dir>/memory.png`.
 """
 
@@ -20,9 +25,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 from benchmarks.layers import (
-    MAX_LENGTH,
     check_correctness,
     contenders,
     machine,
@@ -42,16 +48,71 @@ def status_bytes(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(name, steps, batch, heads, key_dim):
-    """Peak bytes above the starting resident size during one compiled forward+backward."""
-    make_layer = contenders(heads, key_dim, heads * key_dim)[name]
-    run = train_step_on(make_layer, batch, steps, heads * key_dim)
-    run()
-    before = status_bytes("VmRSS")
+def reset_peak():
+    """Start the kernel's peak-resident counter (VmHWM) afresh from the current resident size."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def measure(name, steps, batch, heads, key_dim):
+    """Peak bytes above the starting resident size during one compiled forward+backward.
+
+    Prints `start <bytes>` before the first call, for the parent's watch, then the first call's
+    growth (tracing included) and the second call's: the step's working memory.
+    """
+    make_layer = contenders(heads, key_dim, heads * key_dim)[name]
+    run = train_step_on(make_layer, batch, steps, heads * key_dim)
+    start = status_bytes("VmRSS")
+    print(f"start {start}", flush=True)
+    reset_peak()
     run()
-    return status_bytes("VmHWM") - before
+    first_call = status_bytes("VmHWM") - start
+    before = status_bytes("VmRSS")
+    reset_peak()
+    run()
+    return first_call, status_bytes("VmHWM") - before
+
+
+def resident_bytes(pid):
+    """The resident size of process `pid` (Linux), or None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return 1024 * int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def run_child(command, env, cap):
+    """Run one measuring child; stop it once it grows `cap` bytes past its `start` line.
+
+    Returns `("measured", (first_call, peak))` in bytes, `("over_cap", cap)` if the child had to
+    be stopped, or `("failed", message)` with the last line it wrote to stderr (an allocation
+    refused outright, for instance).
+    """
+    with tempfile.TemporaryFile("w+") as errors:
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+        line = child.stdout.readline()
+        while line and not line.startswith("start "):
+            line = child.stdout.readline()
+        limit = int(line.split()[1]) + cap if line else None
+        while limit is not None and child.poll() is None:
+            resident = resident_bytes(child.pid)
+            if resident is not None and resident > limit:
+                child.kill()
+                child.wait()
+                return "over_cap", cap
+            time.sleep(0.005)
+        output = child.stdout.read()
+        child.wait()
+        if child.returncode != 0 or limit is None:
+            errors.seek(0)
+            lines = errors.read().strip().splitlines() or [f"exit status {child.returncode}"]
+            return "failed", lines[-1]
+    first_call, peak = (int(x) for x in output.strip().splitlines()[-1].split())
+    return "measured", (first_call, peak)
 
 
 def main(argv=None):
@@ -61,12 +122,15 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--key-dim", type=int, default=16)
     parser.add_argument("--only", nargs="+", choices=CONTENDERS)
+    parser.add_argument(
+        "--cap-gib", type=float, default=10.0, help="stop a child that grows past this"
+    )
     parser.add_argument("--child", nargs=2, metavar=("NAME", "T"), help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
     if args.child:
         name, steps = args.child[0], int(args.child[1])
-        print(measure(name, steps, args.batch, args.heads, args.key_dim))
+        print(*measure(name, steps, args.batch, args.heads, args.key_dim))
         return 0
 
     ok, error = check_correctness()
@@ -76,25 +140,33 @@ def main(argv=None):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TF_CPP_MIN_LOG_LEVEL="3")
     shape = ["--batch", str(args.batch), "--heads", str(args.heads)]
     shape += ["--key-dim", str(args.key_dim)]
+    cap = int(args.cap_gib * 2**30)
     results = {name: {} for name in (args.only or CONTENDERS)}
+    first_calls = {name: {} for name in results}
+    over_cap = {name: {} for name in results}
+    failed = {name: {} for name in results}
     for steps in args.lengths:
         for name in results:
-            if steps > MAX_LENGTH.get(name, steps):
-                continue
-            child = subprocess.run(
-                [sys.executable, "-m", "benchmarks.memory", "--child", name, str(steps), *shape],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            peak = int(child.stdout.strip().splitlines()[-1])
-            results[name][steps] = peak
-            print(f"T={steps:6d} {name:12s} {peak / 2**20:10.1f} MiB", flush=True)
+            command = [sys.executable, "-m", "benchmarks.memory", "--child", name, str(steps)]
+            outcome, value = run_child([*command, *shape], env, cap)
+            if outcome == "over_cap":
+                over_cap[name][steps] = value
+                print(f"T={steps:6d} {name:12s} > {value / 2**20:8.0f} MiB (stopped)", flush=True)
+            elif outcome == "failed":
+                failed[name][steps] = value
+                print(f"T={steps:6d} {name:12s} failed: {value}", flush=True)
+            else:
+                first_calls[name][steps], results[name][steps] = value
+                print(
+                    f"T={steps:6d} {name:12s} {value[1] / 2**20:10.1f} MiB "
+                    f"(first call, tracing included: {value[0] / 2**20:.1f} MiB)",
+                    flush=True,
+                )
 
     print("\npeak working memory of one forward+backward step (MiB)")
     for name, row in results.items():
         cells = [f"T={t}: {row[t] / 2**20:.1f}" for t in sorted(row)]
+        cells += [f"T={t}: > {over_cap[name][t] / 2**20:.0f}" for t in sorted(over_cap[name])]
         growth = [row[b] / row[a] for a, b in zip(sorted(row), sorted(row)[1:]) if b == 2 * a]
         worst = f"; worst growth per doubling {max(growth):.2f}x" if growth else ""
         print(f"{name:12s} " + ", ".join(cells) + worst)
@@ -105,20 +177,27 @@ def main(argv=None):
         "machine": machine(),
         "oracle_max_error": error,
         "peak_bytes": results,
+        "first_call_bytes": first_calls,
+        "over_cap_bytes": over_cap,
+        "failed": failed,
     }
     with open(os.path.join(args.output_dir, "memory.json"), "w") as f:
         json.dump(record, f, indent=2)
-    plot(results, args, os.path.join(args.output_dir, "memory.png"))
+    plot(results, over_cap, args, os.path.join(args.output_dir, "memory.png"))
     print(f"wrote {args.output_dir}/memory.json and memory.png")
     return 0
 
 
-def plot(results, args, path):
+def plot(results, over_cap, args, path):
+    def mib(table):
+        return {name: {t: peak / 2**20 for t, peak in row.items()} for name, row in table.items()}
+
     plot_against_length(
-        {name: {t: peak / 2**20 for t, peak in row.items()} for name, row in results.items()},
+        mib(results),
         path,
         "peak working memory, MiB",
         f"One layer, forward+backward, batch {args.batch}, width {args.heads * args.key_dim}",
+        lower_bounds=mib(over_cap),
     )
 
 

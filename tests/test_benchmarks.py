@@ -71,6 +71,19 @@ def test_memory_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
+def test_memory_benchmark_stops_a_child_past_the_cap(tmp_path):
+    from benchmarks import memory
+
+    # Tracing the step alone grows the child by far more than 1 MiB.
+    args = ["--lengths", "8", "--batch", "2", "--only", "aaren", "--cap-gib", str(2**-10)]
+    assert memory.main([*args, "--output-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "memory.json").read_text())
+    assert record["over_cap_bytes"]["aaren"] == {"8": 2**20}
+    assert record["peak_bytes"]["aaren"] == {}
+    assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
 def test_streaming_benchmark_smoke(tmp_path):
     from benchmarks import streaming
 
