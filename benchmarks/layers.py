@@ -101,7 +101,7 @@ def contenders(heads, key_dim, width):
 
 
 # The environment variables that choose how host memory is allocated. They move Aaren's figures
-# on TensorFlow's CPU backend by up to 1.4x (docs/benchmarks.md), so every record names them.
+# on TensorFlow's CPU backend by up to 1.6x (docs/benchmarks.md), so every record names them.
 ALLOCATOR_VARIABLES = (
     "TF_CPU_ALLOCATOR_USE_BFC",
     "MALLOC_MMAP_THRESHOLD_",
@@ -123,7 +123,7 @@ def machine():
 
 
 def timed(fn):
-    """Milliseconds and minor page faults of one call of `fn` (memory the OS had to hand back)."""
+    """Milliseconds and minor page faults of one call of `fn` (pages the kernel mapped in anew)."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     fn()
@@ -204,6 +204,8 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", help="run only these contenders")
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1. Received: {args.repeats}")
     if keras.backend.backend() != "tensorflow":
         sys.exit("benchmarks.layers measures the TensorFlow backend; set KERAS_BACKEND=tensorflow")
 

@@ -128,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--child", nargs=2, metavar=("NAME", "T"), help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
+    if args.cap_gib <= 0:
+        parser.error(f"--cap-gib must be positive. Received: {args.cap_gib}")
     if args.child:
         name, steps = args.child[0], int(args.child[1])
         print(*measure(name, steps, args.batch, args.heads, args.key_dim))

@@ -100,3 +100,21 @@ def test_streaming_benchmark_smoke(tmp_path):
     )
     assert results["aaren"]["state_bytes_end"] == results["aaren"]["state_bytes_start"]
     assert (tmp_path / "streaming.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("layers", ["--repeats", "0"], "--repeats must be at least 1. Received: 0"),
+        ("memory", ["--cap-gib", "0"], "--cap-gib must be positive. Received: 0.0"),
+    ],
+    ids=["layers-repeats-0", "memory-cap-0"],
+)
+def test_benchmark_arguments_are_checked(module, args, message, capsys):
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
