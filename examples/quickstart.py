@@ -121,8 +121,8 @@ def main(argv=None):
     keras_aaren.reset_states(streaming)
     steps = x_test.shape[1]
     if args.quick:
-        # On JAX each eager call of keras.layers.RNN compiles its loop again (about 0.2 s per
-        # call, 72 s for the 100 timesteps of two layers), so the smoke run streams a prefix.
+        # On JAX each eager call of keras.layers.RNN compiles its loop again (72 s for the 100
+        # timesteps of this two-layer model), so the smoke run streams a prefix.
         steps = min(steps, 25)
     # Calling the model, rather than predict_on_batch, continues the stream on every backend:
     # JAX's compiled predict drops the states of keras.layers.RNN (see docs/backends.md).
