@@ -39,13 +39,19 @@ from benchmarks.layers import (
 CONTENDERS = ("aaren", "tfp_style", "mha_causal", "lstm")
 
 
-def status_bytes(field):
-    """A memory field of /proc/self/status (Linux), such as VmRSS or VmHWM, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return 1024 * int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def status_bytes(field, pid="self"):
+    """A memory field of /proc/<pid>/status (Linux), such as VmRSS or VmHWM, in bytes.
+
+    None once the process has exited: its file is gone, or, before it is reaped, lists no memory.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return 1024 * int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return None
 
 
 def reset_peak():
@@ -73,18 +79,6 @@ def measure(name, steps, batch, heads, key_dim):
     return first_call, status_bytes("VmHWM") - before
 
 
-def resident_bytes(pid):
-    """The resident size of process `pid` (Linux), or None once it has exited."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return 1024 * int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return None
-
-
 def run_child(command, env, cap):
     """Run one measuring child; stop it once it grows `cap` bytes past its `start` line.
 
@@ -99,7 +93,7 @@ def run_child(command, env, cap):
             line = child.stdout.readline()
         limit = int(line.split()[1]) + cap if line else None
         while limit is not None and child.poll() is None:
-            resident = resident_bytes(child.pid)
+            resident = status_bytes("VmRSS", child.pid)
             if resident is not None and resident > limit:
                 child.kill()
                 child.wait()
