@@ -5,10 +5,13 @@ Run (the defaults are the issue's protocol: batch 8, width 64, 4 heads of 16, fl
     python -m benchmarks.layers                                   # T = 64 ... 16384
     python -m benchmarks.layers --lengths 64 256 --repeats 3      # a quick look
     python -m benchmarks.layers --xla                             # tf.function(jit_compile=True)
+    KERAS_BACKEND=jax python -m benchmarks.layers                 # jax.jit, on JAX's default device
 
-Each contender is one layer called on `(batch, T, width)` inside a `tf.function` that computes
-the output, a sum-of-squares loss and the gradients with respect to the input and the weights.
-Each function is traced and run twice before timing. Then, per length, the contenders are timed
+Each contender is one layer called on `(batch, T, width)` inside a compiled function that
+computes the output, a sum-of-squares loss and the gradients with respect to the input and the
+weights: a `tf.function` on TensorFlow, `jax.jit` of `jax.grad` over the layer's
+`stateless_call` on JAX (always XLA; each call waits for the device to finish). Each function is
+traced and run twice before timing. Then, per length, the contenders are timed
 in turns: each of `--repeats` rounds times one step of every contender, so that a slow spell of a
 shared machine falls on all of them alike. The table reports each contender's median and its
 time divided by Aaren's, all measured in the same run; the JSON keeps every sample.
@@ -23,12 +26,16 @@ Contenders:
 * `rnn_cell`: `keras.layers.RNN(AarenCell)`, stepping the same weights token by token;
 * `lstm`: `keras.layers.LSTM(64, return_sequences=True)`.
 
+Stepping and causal attention stop at `MAX_LENGTH` (4096) unless `--max-length NAME=T` says
+otherwise, as on a GPU with room for causal attention's scores at 8192.
+
 It refuses to report (exit status 1) if `Aaren` does not match stepping its cell and the naive
 softmax oracle on a small case first. Results go to `<output-dir>/layers.json` and
 `<output-dir>/layers.png`.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -44,10 +51,13 @@ from keras import ops
 from keras_aaren import Aaren, AarenCell
 from keras_aaren.ops import aaren_attention_naive
 
-# The longest length each slow contender runs at; beyond it, it is left out rather than waited
-# for. Stepping costs seconds per call at 4096; causal attention's (B, H, T, T) scores alone take
-# 8.6 GB at T = 8192 and its backward needs several of them, more than the 24 GiB machine has.
+# The longest length each slow contender runs at by default; beyond it, it is left out rather
+# than waited for. Stepping costs seconds per call at 4096 on a CPU; causal attention's
+# (B, H, T, T) scores alone take 8.6 GB at T = 8192 and its backward needs several of them, more
+# than a 24 GiB machine has. `--max-length` overrides them.
 MAX_LENGTH = {"rnn_cell": 4096, "mha_causal": 4096}
+
+BACKENDS = ("tensorflow", "jax")
 
 
 class TFPStyleAaren(keras.layers.Layer):
@@ -100,6 +110,9 @@ def contenders(heads, key_dim, width):
     }
 
 
+CONTENDERS = tuple(contenders(1, 1, 1))
+
+
 # The environment variables that choose how host memory is allocated. They move Aaren's figures
 # on TensorFlow's CPU backend by up to 1.6x (docs/benchmarks.md), so every record names them.
 ALLOCATOR_VARIABLES = (
@@ -110,6 +123,21 @@ ALLOCATOR_VARIABLES = (
 )
 
 
+def device():
+    """The device the backend computes on by default, such as `gpu: NVIDIA H100 80GB HBM3`."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        first = jax.devices()[0]
+        if first.platform != "cpu":
+            return f"{first.platform}: {first.device_kind}"
+        return f"cpu: {platform.processor()}"
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"gpu: {gpus[0].name}" if gpus else f"cpu: {platform.processor()}"
+
+
 def machine():
     """What the figures were measured on, for the JSON record."""
     return {
@@ -118,6 +146,7 @@ def machine():
         "cpus": os.cpu_count(),
         "keras": keras.__version__,
         "backend": keras.backend.backend(),
+        "device": device(),
         "allocator": {name: os.environ.get(name) for name in ALLOCATOR_VARIABLES},
     }
 
@@ -131,8 +160,28 @@ def timed(fn):
     return ms, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def exact_matmuls():
+    """A context in which float32 matmuls round as float32 on every device.
+
+    On a recent NVIDIA GPU, JAX multiplies float32 matrices in TF32 by default (about 1e-3
+    relative error), in Aaren's projections and chunked scan as in every other contender. The
+    correctness checks test the algorithm against its oracle, so they run in full precision;
+    the timed steps keep the default a user gets.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.default_matmul_precision("highest")
+    return contextlib.nullcontext()
+
+
 def check_correctness():
     """Aaren against stepping its cell and against the naive oracle; False if they differ."""
+    with exact_matmuls():
+        return _check_correctness()
+
+
+def _check_correctness():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 37, 16)).astype("float32")
     layer = Aaren(2, 8, return_sequences=True)
@@ -146,7 +195,13 @@ def check_correctness():
 
 
 def train_step_on(make_layer, batch, steps, width, xla=False):
-    """A layer, its input, and the compiled step: output, sum-of-squares loss, gradients."""
+    """A layer, its input, and the compiled step: output, sum-of-squares loss, gradients.
+
+    Returns `run()`, which calls the step once and waits for its gradients. On JAX, `run` also
+    has `memory_analysis()`: XLA's buffer plan of the compiled step.
+    """
+    if keras.backend.backend() == "jax":
+        return _jax_train_step_on(make_layer, batch, steps, width)
     import tensorflow as tf
 
     layer = make_layer()
@@ -163,6 +218,30 @@ def train_step_on(make_layer, batch, steps, width, xla=False):
     def run():
         return [g.numpy() for g in train_step(x)]
 
+    return run
+
+
+def _jax_train_step_on(make_layer, batch, steps, width):
+    import jax
+    import jax.numpy as jnp
+
+    layer = make_layer()
+    x = jax.random.normal(jax.random.key(0), (batch, steps, width))
+    layer(x[:, :2])
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss(x, trainable):
+        y, _ = layer.stateless_call(trainable, non_trainable, x)
+        return jnp.sum(jnp.square(y))
+
+    train_step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    def run():
+        # Dispatch is asynchronous: without the wait, a GPU step would time only its launch.
+        return jax.block_until_ready(train_step(x, trainable))
+
+    run.memory_analysis = lambda: train_step.lower(x, trainable).compile().memory_analysis()
     return run
 
 
@@ -201,13 +280,27 @@ def main(argv=None):
     parser.add_argument("--key-dim", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--xla", action="store_true", help="tf.function(jit_compile=True)")
-    parser.add_argument("--only", nargs="+", help="run only these contenders")
+    parser.add_argument("--only", nargs="+", choices=CONTENDERS, help="run only these contenders")
+    parser.add_argument(
+        "--max-length",
+        nargs="+",
+        default=[],
+        metavar="NAME=T",
+        help=f"the longest T for a contender (defaults: {MAX_LENGTH})",
+    )
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1. Received: {args.repeats}")
-    if keras.backend.backend() != "tensorflow":
-        sys.exit("benchmarks.layers measures the TensorFlow backend; set KERAS_BACKEND=tensorflow")
+    max_length = MAX_LENGTH | parse_max_length(parser, args.max_length)
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        sys.exit(f"benchmarks.layers measures {' or '.join(BACKENDS)}. Received: {backend}")
+    if args.xla and backend != "tensorflow":
+        parser.error(
+            "--xla compiles TensorFlow's step with XLA; on JAX every step is jax.jit-compiled. "
+            f"Received: --xla with KERAS_BACKEND={backend}"
+        )
 
     ok, error = check_correctness()
     if not ok:
@@ -221,7 +314,7 @@ def main(argv=None):
     samples = {name: {} for name in chosen}
     faults = {name: {} for name in chosen}
     for steps in args.lengths:
-        makers = {n: make for n, make in chosen.items() if steps <= MAX_LENGTH.get(n, steps)}
+        makers = {n: make for n, make in chosen.items() if steps <= max_length.get(n, steps)}
         medians, times, counts = time_round_robin(
             makers, args.batch, steps, width, args.repeats, args.xla
         )
@@ -234,7 +327,10 @@ def main(argv=None):
                 flush=True,
             )
 
-    print(f"\nforward+backward, median of {args.repeats} (ms); ratio = time / aaren's")
+    print(
+        f"\nforward+backward, median of {args.repeats} (ms), {compile_mode(args)} on {device()}; "
+        "ratio = time / aaren's"
+    )
     print("contender           " + "".join(f"{f'T={t}':>20s}" for t in args.lengths))
     for name, row in results.items():
         cells = []
@@ -248,7 +344,13 @@ def main(argv=None):
 
     os.makedirs(args.output_dir, exist_ok=True)
     record = {
-        "protocol": vars(args) | {"width": width, "oracle_max_error": error},
+        "protocol": vars(args)
+        | {
+            "width": width,
+            "oracle_max_error": error,
+            "compile": compile_mode(args),
+            "max_length": max_length,
+        },
         "machine": machine(),
         "median_ms": results,
         "samples_ms": samples,
@@ -261,13 +363,34 @@ def main(argv=None):
     return 0
 
 
+def parse_max_length(parser, items):
+    """`["mha_causal=8192", ...]` as `{"mha_causal": 8192}`, or a parser error naming the item."""
+    limits = {}
+    for item in items:
+        name, _, steps = item.partition("=")
+        if name not in CONTENDERS or not steps.isdigit() or int(steps) < 1:
+            parser.error(
+                "--max-length takes NAME=T, NAME one of "
+                f"{', '.join(CONTENDERS)} and T a positive integer. Received: {item!r}"
+            )
+        limits[name] = int(steps)
+    return limits
+
+
+def compile_mode(args):
+    """How the timed step was compiled, for titles and tables."""
+    if keras.backend.backend() == "jax":
+        return "jax.jit"
+    return "XLA" if args.xla else "tf.function"
+
+
 def plot(results, path, args):
-    compile_mode = "XLA" if args.xla else "tf.function"
     plot_against_length(
         results,
         path,
         "forward+backward, ms (median)",
-        f"One layer, batch {args.batch}, {args.heads} heads of {args.key_dim} ({compile_mode})",
+        f"One layer, batch {args.batch}, {args.heads} heads of {args.key_dim} "
+        f"({compile_mode(args)}, {device()})",
     )
 
 

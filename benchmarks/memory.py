@@ -4,6 +4,7 @@ Run (the defaults are the issue's protocol: batch 8, width 64, 4 heads of 16, fl
 
     python -m benchmarks.memory                                  # T = 1024 ... 16384
     python -m benchmarks.memory --lengths 1024 2048 --only aaren lstm
+    KERAS_BACKEND=jax python -m benchmarks.memory     # on a GPU: the device's allocator
 
 Each (contender, length) runs in a fresh process: it builds the layer and the input, runs the
 compiled training step of `benchmarks.layers` once (tracing and compiling it), then resets the
@@ -11,6 +12,12 @@ kernel's peak-resident counter (`/proc/self/clear_refs`), runs the step again an
 peak resident memory above what the process held just before: the working memory of one step,
 without the compiler's. The process runs with a fixed `MALLOC_MMAP_THRESHOLD_`, so that freed
 buffers go back to the system and the resident size follows what is live.
+
+On an accelerator (JAX on a GPU), the step's memory is the device's, read from JAX's allocator
+statistics: the peak bytes in use during the first two calls above what was in use before them.
+That peak cannot be reset between calls, so it includes what compiling the step allocated on the
+device (XLA's autotuning tries kernels there). On JAX every record also gives XLA's plan of the
+compiled step (`memory_analysis()`: its temporaries and outputs), which no run perturbs.
 
 A contender that does not fit is measured too, as a lower bound: the parent watches each child's
 resident size and stops it once it has grown by `--cap-gib` above what it held before its first
@@ -28,9 +35,12 @@ import sys
 import tempfile
 import time
 
+import keras
+
 from benchmarks.layers import (
     check_correctness,
     contenders,
+    device,
     machine,
     plot_against_length,
     train_step_on,
@@ -60,30 +70,54 @@ def reset_peak():
         f.write("5")
 
 
-def measure(name, steps, batch, heads, key_dim):
-    """Peak bytes above the starting resident size during one compiled forward+backward.
+def device_memory_stats():
+    """The allocator statistics of JAX's default device, or None where it keeps none (a CPU)."""
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
 
-    Prints `start <bytes>` before the first call, for the parent's watch, then the first call's
-    growth (tracing included) and the second call's: the step's working memory.
+    return jax.devices()[0].memory_stats()
+
+
+def measure(name, steps, batch, heads, key_dim):
+    """The memory of one compiled forward+backward, as a dict of bytes.
+
+    Prints `start <bytes>` before the first call, for the parent's watch. Returns `memory`
+    (`"resident"` or `"device"`), `first_call` (the growth over the first call, tracing
+    included), `peak` (the step's working memory) and, on JAX, `planned` (XLA's temporaries
+    and outputs for the compiled step).
     """
     make_layer = contenders(heads, key_dim, heads * key_dim)[name]
     run = train_step_on(make_layer, batch, steps, heads * key_dim)
     start = status_bytes("VmRSS")
     print(f"start {start}", flush=True)
+    record = {}
+    if hasattr(run, "memory_analysis"):
+        plan = run.memory_analysis()
+        record["planned"] = plan.temp_size_in_bytes + plan.output_size_in_bytes
+    stats = device_memory_stats()
+    if stats is not None:
+        held = stats["bytes_in_use"]
+        run()
+        first_call = device_memory_stats()["peak_bytes_in_use"] - held
+        run()
+        peak = device_memory_stats()["peak_bytes_in_use"] - held
+        return record | {"memory": "device", "first_call": first_call, "peak": peak}
     reset_peak()
     run()
     first_call = status_bytes("VmHWM") - start
     before = status_bytes("VmRSS")
     reset_peak()
     run()
-    return first_call, status_bytes("VmHWM") - before
+    peak = status_bytes("VmHWM") - before
+    return record | {"memory": "resident", "first_call": first_call, "peak": peak}
 
 
 def run_child(command, env, cap):
     """Run one measuring child; stop it once it grows `cap` bytes past its `start` line.
 
-    Returns `("measured", (first_call, peak))` in bytes, `("over_cap", cap)` if the child had to
-    be stopped, or `("failed", message)` with the last line it wrote to stderr (an allocation
+    Returns `("measured", record)` with the dict of `measure`, `("over_cap", cap)` if the child
+    had to be stopped, or `("failed", message)` with the last line it wrote to stderr (an allocation
     refused outright, for instance).
     """
     with tempfile.TemporaryFile("w+") as errors:
@@ -105,8 +139,7 @@ def run_child(command, env, cap):
             errors.seek(0)
             lines = errors.read().strip().splitlines() or [f"exit status {child.returncode}"]
             return "failed", lines[-1]
-    first_call, peak = (int(x) for x in output.strip().splitlines()[-1].split())
-    return "measured", (first_call, peak)
+    return "measured", json.loads(output.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -126,7 +159,7 @@ def main(argv=None):
         parser.error(f"--cap-gib must be positive. Received: {args.cap_gib}")
     if args.child:
         name, steps = args.child[0], int(args.child[1])
-        print(*measure(name, steps, args.batch, args.heads, args.key_dim))
+        print(json.dumps(measure(name, steps, args.batch, args.heads, args.key_dim)))
         return 0
 
     ok, error = check_correctness()
@@ -139,6 +172,8 @@ def main(argv=None):
     cap = int(args.cap_gib * 2**30)
     results = {name: {} for name in (args.only or CONTENDERS)}
     first_calls = {name: {} for name in results}
+    planned = {name: {} for name in results}
+    kinds = set()
     over_cap = {name: {} for name in results}
     failed = {name: {} for name in results}
     for steps in args.lengths:
@@ -152,14 +187,20 @@ def main(argv=None):
                 failed[name][steps] = value
                 print(f"T={steps:6d} {name:12s} failed: {value}", flush=True)
             else:
-                first_calls[name][steps], results[name][steps] = value
+                kinds.add(value["memory"])
+                results[name][steps] = value["peak"]
+                first_calls[name][steps] = value["first_call"]
+                plan = ""
+                if "planned" in value:
+                    planned[name][steps] = value["planned"]
+                    plan = f"; XLA's plan: {value['planned'] / 2**20:.1f} MiB"
                 print(
-                    f"T={steps:6d} {name:12s} {value[1] / 2**20:10.1f} MiB "
-                    f"(first call, tracing included: {value[0] / 2**20:.1f} MiB)",
+                    f"T={steps:6d} {name:12s} {value['peak'] / 2**20:10.1f} MiB {value['memory']} "
+                    f"(first call, tracing included: {value['first_call'] / 2**20:.1f} MiB{plan})",
                     flush=True,
                 )
 
-    print("\npeak working memory of one forward+backward step (MiB)")
+    print(f"\npeak working memory of one forward+backward step (MiB, {', '.join(sorted(kinds))})")
     for name, row in results.items():
         cells = [f"T={t}: {row[t] / 2**20:.1f}" for t in sorted(row)]
         cells += [f"T={t}: > {over_cap[name][t] / 2**20:.0f}" for t in sorted(over_cap[name])]
@@ -169,11 +210,13 @@ def main(argv=None):
 
     os.makedirs(args.output_dir, exist_ok=True)
     record = {
-        "protocol": {k: v for k, v in vars(args).items() if k != "child"},
+        "protocol": {k: v for k, v in vars(args).items() if k != "child"}
+        | {"memory": sorted(kinds)},
         "machine": machine(),
         "oracle_max_error": error,
         "peak_bytes": results,
         "first_call_bytes": first_calls,
+        "planned_bytes": planned,
         "over_cap_bytes": over_cap,
         "failed": failed,
     }
@@ -192,7 +235,8 @@ def plot(results, over_cap, args, path):
         mib(results),
         path,
         "peak working memory, MiB",
-        f"One layer, forward+backward, batch {args.batch}, width {args.heads * args.key_dim}",
+        f"One layer, forward+backward, batch {args.batch}, width {args.heads * args.key_dim} "
+        f"({device()})",
         lower_bounds=mib(over_cap),
     )
 

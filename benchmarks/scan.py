@@ -4,14 +4,23 @@ Run (the defaults are the issue's protocol: values of shape (8, T, 4, 16), float
 
     python -m benchmarks.scan                          # T = 1024 ... 16384
     python -m benchmarks.scan --lengths 4096 --repeats 5
+    KERAS_BACKEND=jax python -m benchmarks.scan        # eager and jax.jit, JAX's default device
 
 A cumulative sum over the values reads and writes the tensor once: it is the least a prefix
-reduction over them can cost. Both are timed inside a caller's `tf.function`, once without XLA
-(`aaren_scan` then runs its own XLA-compiled kernel, as it does for an eager call) and once with
-`jit_compile=True` (the scan is compiled inline with its caller). The table reports medians of
-`--repeats` runs and the ratio scan / cumsum, measured in the same run, and each call's median
-count of minor page faults (fresh memory the OS had to hand over, see `docs/benchmarks.md`).
-It refuses to report if the scan does not match the naive softmax oracle first. Results go to
+reduction over them can cost. Each is timed from two callers, alike for both:
+
+* TensorFlow: a caller's `tf.function` without XLA (`aaren_scan` then runs its own
+  XLA-compiled kernel, as it does for an eager call) and one with `jit_compile=True` (the scan
+  is compiled inline with its caller);
+* JAX: an eager call (`aaren_scan` runs its own `jax.jit` kernels, `jnp.cumsum` one compiled
+  op) and a caller's `jax.jit`. Each call waits for the device to finish.
+
+The table reports medians of `--repeats` runs and the ratio scan / cumsum, measured in the same
+run, and each call's median count of minor page faults (fresh memory the OS had to hand over,
+see `docs/benchmarks.md`). It also reports each one's effective bandwidth: the least traffic it
+needs (the cumsum reads and writes the values; the scan reads the scores and the values and
+writes its output) divided by its time, to set beside the memory bandwidth of the device. It
+refuses to report if the scan does not match the naive softmax oracle first. Results go to
 `<output-dir>/scan.json`.
 """
 
@@ -24,7 +33,7 @@ import sys
 import keras
 import numpy as np
 
-from benchmarks.layers import machine, timed
+from benchmarks.layers import BACKENDS, exact_matmuls, machine, timed
 from keras_aaren.ops import aaren_attention_naive, aaren_scan
 
 
@@ -33,16 +42,49 @@ def check_correctness():
     scores = rng.normal(size=(2, 300, 4)) * 5.0
     values = rng.normal(size=(2, 300, 4, 16))
     expected, _ = aaren_attention_naive(scores, values)
-    got, _ = aaren_scan(scores.astype("float32"), values.astype("float32"))
+    with exact_matmuls():
+        got, _ = aaren_scan(scores.astype("float32"), values.astype("float32"))
     error = float(np.abs(keras.ops.convert_to_numpy(got) - np.asarray(expected)).max())
     return error < 1e-4, error
+
+
+def callers():
+    """`[(caller, cumsum, scan)]`: the two ways each is called on this backend."""
+    if keras.backend.backend() == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def cumsum(v):
+            return jnp.cumsum(v, axis=1)
+
+        def scan(s, v):
+            return aaren_scan(s, v)[0]
+
+        return [("eager", cumsum, scan), ("jax.jit", jax.jit(cumsum), jax.jit(scan))]
+    import tensorflow as tf
+
+    return [
+        (
+            "tf.function(jit_compile=True)" if xla else "tf.function",
+            tf.function(lambda v: tf.math.cumsum(v, axis=1), jit_compile=xla),
+            tf.function(lambda s, v: aaren_scan(s, v)[0], jit_compile=xla),
+        )
+        for xla in (False, True)
+    ]
+
+
+def wait(tensor):
+    """The tensor once computed: fetched on TensorFlow, waited for on JAX (no copy to host)."""
+    if keras.backend.backend() == "jax":
+        return tensor.block_until_ready()
+    return tensor.numpy()
 
 
 def median_ms(fn, args, repeats):
     """Median milliseconds of `fn(*args)` and its median count of minor page faults."""
     for _ in range(2):
-        fn(*args).numpy()
-    samples = [timed(lambda: fn(*args).numpy()) for _ in range(repeats)]
+        wait(fn(*args))
+    samples = [timed(lambda: wait(fn(*args))) for _ in range(repeats)]
     return tuple(statistics.median(column) for column in zip(*samples))
 
 
@@ -55,9 +97,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
-    if keras.backend.backend() != "tensorflow":
-        sys.exit("benchmarks.scan measures the TensorFlow backend; set KERAS_BACKEND=tensorflow")
-    import tensorflow as tf
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        sys.exit(f"benchmarks.scan measures {' or '.join(BACKENDS)}. Received: {backend}")
 
     ok, error = check_correctness()
     if not ok:
@@ -65,20 +107,23 @@ def main(argv=None):
         return 1
     results = []
     for steps in args.lengths:
-        scores = tf.random.normal((args.batch, steps, args.heads))
-        values = tf.random.normal((args.batch, steps, args.heads, args.value_dim))
-        for xla in (False, True):
-            cumsum = tf.function(lambda v: tf.math.cumsum(v, axis=1), jit_compile=xla)
-            scan = tf.function(lambda s, v: aaren_scan(s, v)[0], jit_compile=xla)
-            row = {"T": steps, "caller": "tf.function(jit_compile=True)" if xla else "tf.function"}
+        scores = keras.random.normal((args.batch, steps, args.heads))
+        values = keras.random.normal((args.batch, steps, args.heads, args.value_dim))
+        # float32: 4 bytes an element.
+        score_bytes, value_bytes = (4 * int(np.prod(t.shape)) for t in (scores, values))
+        least_bytes = {"cumsum": 2 * value_bytes, "scan": score_bytes + 2 * value_bytes}
+        for caller, cumsum, scan in callers():
+            row = {"T": steps, "caller": caller}
             pairs = (("cumsum", cumsum, (values,)), ("scan", scan, (scores, values)))
             for name, fn, inputs in pairs:
                 row[f"{name}_ms"], row[f"{name}_page_faults"] = median_ms(fn, inputs, args.repeats)
+                row[f"{name}_gb_per_s"] = least_bytes[name] / row[f"{name}_ms"] / 1e6
             row["ratio"] = row["scan_ms"] / row["cumsum_ms"]
             results.append(row)
             print(
-                f"T={steps:6d} {row['caller']:32s} cumsum {row['cumsum_ms']:8.2f} ms   "
-                f"scan {row['scan_ms']:8.2f} ms   scan/cumsum {row['ratio']:5.2f}x   "
+                f"T={steps:6d} {row['caller']:32s} cumsum {row['cumsum_ms']:8.3f} ms "
+                f"({row['cumsum_gb_per_s']:6.1f} GB/s)   scan {row['scan_ms']:8.3f} ms "
+                f"({row['scan_gb_per_s']:6.1f} GB/s)   scan/cumsum {row['ratio']:5.2f}x   "
                 f"page faults {row['cumsum_page_faults']:.0f} / {row['scan_page_faults']:.0f}",
                 flush=True,
             )
