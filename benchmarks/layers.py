@@ -35,7 +35,6 @@ softmax oracle on a small case first. Results go to `<output-dir>/layers.json` a
 """
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -49,7 +48,7 @@ import numpy as np
 from keras import ops
 
 from keras_aaren import Aaren, AarenCell
-from keras_aaren.ops import aaren_attention_naive
+from keras_aaren.ops import aaren_attention_naive, full_precision_matmuls
 
 # The longest length each slow contender runs at by default; beyond it, it is left out rather
 # than waited for. Stepping costs seconds per call at 4096 on a CPU; causal attention's
@@ -160,24 +159,14 @@ def timed(fn):
     return ms, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def exact_matmuls():
-    """A context in which float32 matmuls round as float32 on every device.
-
-    On a recent NVIDIA GPU, JAX multiplies float32 matrices in TF32 by default (about 1e-3
-    relative error), in Aaren's projections and chunked scan as in every other contender. The
-    correctness checks test the algorithm against its oracle, so they run in full precision;
-    the timed steps keep the default a user gets.
-    """
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.default_matmul_precision("highest")
-    return contextlib.nullcontext()
-
-
 def check_correctness():
-    """Aaren against stepping its cell and against the naive oracle; False if they differ."""
-    with exact_matmuls():
+    """Aaren against stepping its cell and against the naive oracle; False if they differ.
+
+    In full float32 precision: on a recent NVIDIA GPU, JAX multiplies the projections in TF32 by
+    default, for every contender alike. The check tests the algorithm; the timed steps keep the
+    default a user gets.
+    """
+    with full_precision_matmuls():
         return _check_correctness()
 
 

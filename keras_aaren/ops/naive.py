@@ -10,6 +10,8 @@ Shape letters: B batch, T (and K, I) timesteps, H heads, D value dimension.
 import numpy as np
 from keras import backend, ops
 
+from keras_aaren.ops.precision import full_precision_matmuls
+
 
 def aaren_attention_naive(scores, values, initial_state=None, mask=None):
     """Causal softmax attention of one query per head, written plainly.
@@ -74,7 +76,9 @@ def aaren_attention_naive(scores, values, initial_state=None, mask=None):
     row_max = ops.max(logits, axis=2, keepdims=True)
     weights = ops.where(visible, ops.exp(logits - row_max), 0.0)
     denom = ops.sum(weights, axis=2)  # (B, T, H)
-    numer = ops.einsum("bkih,bihd->bkhd", weights, vals)
+    # An oracle must not round below float32, as a GPU's TF32 matmuls would.
+    with full_precision_matmuls():
+        numer = ops.einsum("bkih,bihd->bkhd", weights, vals)
     outputs = numer / ops.where(denom > 0, denom, 1.0)[..., None]
 
     # The final state from the last query row, in the (m, u, w) form with m the true running max.

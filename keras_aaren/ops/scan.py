@@ -22,6 +22,8 @@ import keras
 import numpy as np
 from keras import backend, ops
 
+from keras_aaren.ops.precision import full_precision_matmuls
+
 METHODS = ("auto", "sequential", "associative", "chunked")
 # Measured on a 2-core CPU (TF, the scan's XLA kernel, batch 8, 4 heads of 16, forward+backward
 # of the scan at T = 4096, medians): 30 ms for 8, 31-37 for 4, 36-37 for 16, 54-60 for 32, 91-96
@@ -295,7 +297,8 @@ def _dense_prefix(m, u, w):
     # carries its own weights.
     scale = ops.where(causal, ops.exp(logits - m_prefix[..., None]), 0.0)  # (..., L, L)
     u_prefix = ops.sum(scale * u[..., None, :], axis=-1)
-    w_prefix = ops.matmul(scale, w)
+    with full_precision_matmuls():
+        w_prefix = ops.matmul(scale, w)
     return m_prefix, u_prefix, w_prefix
 
 
