@@ -486,6 +486,28 @@ def _chunked_backward(scores, values, start, mask, chunk_size, total, outputs, c
 _TF_KERNELS = {}
 
 
+@functools.cache
+def _jax_eager_scan():
+    """The whole scan, custom gradient included, as one `jax.jit` program: `_scan` compiled.
+
+    For eager calls on JAX. Called eagerly, `ops.custom_gradient` traces its function again on
+    every call, and the ops around the compiled kernels run one by one: on an H100, an eager
+    chunked scan of (8, 4096, 4, 16) values took 8.2 ms, against 0.27 ms inside a caller's
+    `jax.jit`. Inside a caller's trace, such as Keras' compiled train step, the caller compiles
+    the scan with it instead.
+    """
+    import jax
+
+    return jax.jit(_scan, static_argnums=(4, 5))
+
+
+def _jax_tracing(*tensors):
+    """Whether any of the tensors (or their nested parts) belongs to a JAX trace."""
+    import jax
+
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tensors))
+
+
 def _tf_executing_eagerly():
     import tensorflow as tf
 
@@ -586,6 +608,13 @@ def aaren_scan(
     if mask is not None:
         mask = ops.convert_to_tensor(mask)
     _validate(scores, values, initial_state, mask, method, chunk_size)
+    if backend.backend() == "jax" and not _jax_tracing(scores, values, initial_state, mask):
+        return _jax_eager_scan()(scores, values, initial_state, mask, method, chunk_size)
+    return _scan(scores, values, initial_state, mask, method, chunk_size)
+
+
+def _scan(scores, values, initial_state, mask, method, chunk_size):
+    """`aaren_scan` once its arguments are tensors and valid."""
     if mask is not None:
         mask = ops.cast(mask, "bool")
     out_dtype = values.dtype

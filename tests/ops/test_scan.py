@@ -1,5 +1,7 @@
 """aaren_scan, aaren_step and aaren_combine against the naive softmax-attention oracle."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -361,3 +363,26 @@ def test_tensorflow_kernel_traces_once_per_shape(monkeypatch):
         outputs, _ = aaren_scan(scores, values)
         assert_close(outputs, aaren_attention_naive(scores, values)[0])
     assert scan._tf_kernel(True, eager=True).experimental_get_tracing_count() == 2
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the eager kernel is JAX's")
+def test_jax_eager_scan_traces_once_per_shape(monkeypatch):
+    from keras_aaren.ops import scan
+
+    traced = []
+    body = scan._scan
+
+    def counting(scores, *args):
+        traced.append(scores.shape)
+        return body(scores, *args)
+
+    # A fresh program around the counting body: `jax.jit` calls it only while tracing.
+    monkeypatch.setattr(scan, "_scan", counting)
+    fresh = functools.cache(scan._jax_eager_scan.__wrapped__)
+    monkeypatch.setattr(scan, "_jax_eager_scan", fresh)
+    rng = np.random.default_rng(6)
+    for steps in (37, 37, 37, 38, 38):
+        scores, values = f32(rng.normal(size=(2, steps, 3)), rng.normal(size=(2, steps, 3, 4)))
+        outputs, _ = aaren_scan(scores, values)
+        assert_close(outputs, aaren_attention_naive(scores, values)[0])
+    assert traced == [(2, 37, 3), (2, 38, 3)]
