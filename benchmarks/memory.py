@@ -138,7 +138,9 @@ def run_child(command, env, cap):
         if child.returncode != 0 or limit is None:
             errors.seek(0)
             lines = errors.read().strip().splitlines() or [f"exit status {child.returncode}"]
-            return "failed", lines[-1]
+            # Keras appends the call's arguments after the error itself.
+            named = [line for line in lines if "Error" in line or "error" in line]
+            return "failed", (named or lines)[-1]
     return "measured", json.loads(output.strip().splitlines()[-1])
 
 
@@ -157,6 +159,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cap_gib <= 0:
         parser.error(f"--cap-gib must be positive. Received: {args.cap_gib}")
+    if keras.backend.backend() == "jax":
+        # JAX takes 75% of a GPU's memory the first time it uses it. This process only checks
+        # correctness; the device is for the measuring children.
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if args.child:
         name, steps = args.child[0], int(args.child[1])
         print(json.dumps(measure(name, steps, args.batch, args.heads, args.key_dim)))
