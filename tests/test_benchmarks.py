@@ -8,7 +8,6 @@ import pytest
 from benchmarks import layers
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
 def test_layers_benchmark_smoke(tmp_path):
     status = layers.main(
         [
@@ -42,22 +41,24 @@ def test_layers_benchmark_smoke(tmp_path):
     assert (tmp_path / "layers.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
 def test_scan_benchmark_smoke(tmp_path):
     from benchmarks import scan
 
     status = scan.main(["--lengths", "8", "--repeats", "1", "--output-dir", str(tmp_path)])
     assert status == 0
     record = json.loads((tmp_path / "scan.json").read_text())
-    assert [row["caller"] for row in record["results"]] == [
-        "tf.function",
-        "tf.function(jit_compile=True)",
-    ]
+    callers = {
+        "tensorflow": ["tf.function", "tf.function(jit_compile=True)"],
+        "jax": ["eager", "jax.jit"],
+    }[keras.backend.backend()]
+    assert [row["caller"] for row in record["results"]] == callers
     assert record["protocol"]["oracle_max_error"] < 1e-4
     assert all(row["scan_page_faults"] >= 0 for row in record["results"])
+    # The least traffic of (8, 8, 4, 16) float32 values read and written, over the time taken.
+    row = record["results"][0]
+    assert row["cumsum_gb_per_s"] == pytest.approx(2 * 4 * 8 * 8 * 4 * 16 / row["cumsum_ms"] / 1e6)
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
 def test_memory_benchmark_smoke(tmp_path):
     from benchmarks import memory
 
@@ -67,6 +68,13 @@ def test_memory_benchmark_smoke(tmp_path):
     assert status == 0
     record = json.loads((tmp_path / "memory.json").read_text())
     assert record["peak_bytes"]["aaren"]["8"] >= 0
+    assert record["protocol"]["memory"] == ["resident"]
+    # XLA's buffer plan exists on JAX only; it holds at least the input's gradient.
+    planned = record["planned_bytes"]["aaren"]
+    if keras.backend.backend() == "jax":
+        assert planned["8"] >= 2 * 8 * 4 * 4
+    else:
+        assert planned == {}
     assert (tmp_path / "memory.png").stat().st_size > 0
 
 
@@ -102,13 +110,27 @@ def test_streaming_benchmark_smoke(tmp_path):
     assert (tmp_path / "streaming.png").stat().st_size > 0
 
 
+MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associative"
+
+
 @pytest.mark.parametrize(
     "module, args, message",
     [
         ("layers", ["--repeats", "0"], "--repeats must be at least 1. Received: 0"),
+        ("layers", ["--max-length", "mha=8192"], f"{MAX_LENGTH_MESSAGE}"),
+        ("layers", ["--max-length", "mha_causal=8192", "lstm=0"], "Received: 'lstm=0'"),
+        ("layers", ["--max-length", "lstm"], "Received: 'lstm'"),
+        ("layers", ["--only", "mha"], "argument --only: invalid choice: 'mha'"),
         ("memory", ["--cap-gib", "0"], "--cap-gib must be positive. Received: 0.0"),
     ],
-    ids=["layers-repeats-0", "memory-cap-0"],
+    ids=[
+        "layers-repeats-0",
+        "layers-max-length-unknown-name",
+        "layers-max-length-zero",
+        "layers-max-length-no-T",
+        "layers-only-unknown",
+        "memory-cap-0",
+    ],
 )
 def test_benchmark_arguments_are_checked(module, args, message, capsys):
     import importlib
@@ -118,3 +140,11 @@ def test_benchmark_arguments_are_checked(module, args, message, capsys):
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="--xla is refused on JAX only")
+def test_layers_benchmark_refuses_xla_on_jax(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        layers.main(["--xla", "--lengths", "8"])
+    assert exit_info.value.code == 2
+    assert "Received: --xla with KERAS_BACKEND=jax" in capsys.readouterr().err
