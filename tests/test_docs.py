@@ -39,7 +39,9 @@ PUBLIC = {
 def test_public_docstring_has_every_section(name):
     obj = PUBLIC[name]
     doc = inspect.getdoc(obj) or ""
-    sections = ["Args:", "Returns:", "Example:"]
+    # A function without parameters has nothing to list under Args (griffe refuses a made-up one).
+    takes_arguments = inspect.isclass(obj) or bool(inspect.signature(obj).parameters)
+    sections = ["Args:"] * takes_arguments + ["Returns:", "Example:"]
     if inspect.isclass(obj):
         sections.append("Call arguments:")
     missing = [section for section in sections if section not in doc]

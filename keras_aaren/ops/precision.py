@@ -15,9 +15,6 @@ def full_precision_matmuls():
     share of a layer's work. Other backends compute float32 matmuls in float32 here already
     (PyTorch by default; TensorFlow on a CPU), so the context does nothing for them.
 
-    Args:
-        None: the context applies to every product computed or traced inside it.
-
     Returns:
         A context manager: `jax.default_matmul_precision("highest")` on JAX, a null context on
         the other backends.
