@@ -365,11 +365,9 @@ def _scan_chunked(scores, values, state, mask, chunk_size):
             for a, b, shape in zip(bounds, bounds[1:], shapes)
         ]
 
-    forward, backward = _chunked_kernels()
-
     @ops.custom_gradient
     def scan(scores, values, m0, u0, w0):
-        total, outputs = forward(scores, values, (m0, u0, w0), mask, chunk_size)
+        total, outputs = _chunked_forward(scores, values, (m0, u0, w0), mask, chunk_size)
         final = tuple(x[:, :, -1] for x in total)
 
         def grad(*args, upstream=None):
@@ -381,7 +379,7 @@ def _scan_chunked(scores, values, state, mask, chunk_size):
             cotangents = [
                 ops.zeros_like(x) if g is None else g for g, x in zip(upstream, (outputs, *final))
             ]
-            return backward(
+            return _chunked_backward(
                 scores, values, (m0, u0, w0), mask, chunk_size, total, outputs, cotangents
             )
 
@@ -402,24 +400,6 @@ def _chunked_forward(scores, values, start, mask, chunk_size):
     m0, u0, w0 = start
     total = aaren_combine((m0[..., None], u0[..., None], w0[:, :, None]), prefix)
     return total, _head_major(readout(total))
-
-
-@functools.cache
-def _chunked_kernels():
-    """The chunked scan's forward and backward passes, compiled with `jax.jit` on JAX.
-
-    Eager calls then run one compiled program per shape (and per chunk size and mask presence)
-    instead of a hundred ops dispatched one by one: the scan-heavy tests ran about 2x faster.
-    Inside a caller that is already being traced, such as Keras' compiled train step, they are
-    inlined. They are compiled apart, inside the custom gradient and not around it, because
-    `jax.custom_gradient` cannot close over the tracers of an enclosing `jax.jit`. TensorFlow
-    compiles the whole scan instead (`_tf_kernel`).
-    """
-    if backend.backend() != "jax":
-        return _chunked_forward, _chunked_backward
-    import jax
-
-    return jax.jit(_chunked_forward, static_argnums=4), jax.jit(_chunked_backward, static_argnums=4)
 
 
 def _chunked_backward(scores, values, start, mask, chunk_size, total, outputs, cotangents):
