@@ -100,8 +100,11 @@ def test_blocks_stack_and_stream():
             model.layers[2],
         ]
     )
-    tokens = [to_numpy(streaming(x[:, t : t + 1])) for t in range(40)]
-    assert_close(np.concatenate(tokens, axis=1), expected)
+    # The first 12 tokens, one call each: on JAX every eager call of keras.layers.RNN compiles
+    # its loop again (docs/backends.md), and all 40 took 48 s of the JAX suite. The outputs are
+    # causal, so a prefix of the stream must equal the same prefix of the parallel output.
+    tokens = [to_numpy(streaming(x[:, t : t + 1])) for t in range(12)]
+    assert_close(np.concatenate(tokens, axis=1), expected[:, :12])
     stateful = block(stateful=True)
     stateful.build((2, None, WIDTH))
     stateful.set_weights(model.layers[0].get_weights())
