@@ -7,7 +7,13 @@ import pytest
 
 from benchmarks import layers
 
+measured_backend = pytest.mark.skipif(
+    keras.backend.backend() not in layers.BACKENDS,
+    reason=f"the benchmarks measure {' and '.join(layers.BACKENDS)}",
+)
 
+
+@measured_backend
 def test_layers_benchmark_smoke(tmp_path):
     status = layers.main(
         [
@@ -41,6 +47,7 @@ def test_layers_benchmark_smoke(tmp_path):
     assert (tmp_path / "layers.png").stat().st_size > 0
 
 
+@measured_backend
 def test_scan_benchmark_smoke(tmp_path):
     from benchmarks import scan
 
@@ -59,6 +66,7 @@ def test_scan_benchmark_smoke(tmp_path):
     assert row["cumsum_gb_per_s"] == pytest.approx(2 * 4 * 8 * 8 * 4 * 16 / row["cumsum_ms"] / 1e6)
 
 
+@measured_backend
 def test_memory_benchmark_smoke(tmp_path):
     from benchmarks import memory
 
