@@ -17,7 +17,10 @@ On an accelerator (JAX on a GPU), the step's memory is the device's, read from J
 statistics: the peak bytes in use during the first two calls above what was in use before them.
 That peak cannot be reset between calls, so it includes what compiling the step allocated on the
 device (XLA's autotuning tries kernels there). On JAX every record also gives XLA's plan of the
-compiled step (`memory_analysis()`: its temporaries and outputs), which no run perturbs.
+compiled step (`memory_analysis()`: its temporaries and outputs), which no run perturbs. On JAX
+the parent and the children run with `XLA_PYTHON_CLIENT_PREALLOCATE=false`: by default JAX takes
+75% of a GPU when it first uses it, and the parent's correctness check would leave the children
+a quarter of the card.
 
 A contender that does not fit is measured too, as a lower bound: the parent watches each child's
 resident size and stops it once it has grown by `--cap-gib` above what it held before its first
