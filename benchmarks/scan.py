@@ -12,8 +12,8 @@ reduction over them can cost. Each is timed from two callers, alike for both:
 * TensorFlow: a caller's `tf.function` without XLA (`aaren_scan` then runs its own
   XLA-compiled kernel, as it does for an eager call) and one with `jit_compile=True` (the scan
   is compiled inline with its caller);
-* JAX: an eager call (`aaren_scan` runs its own `jax.jit` kernels, `jnp.cumsum` one compiled
-  op) and a caller's `jax.jit`. Each call waits for the device to finish.
+* JAX: an eager call (`aaren_scan` then runs as its own `jax.jit` program, `jnp.cumsum` as one
+  compiled op) and a caller's `jax.jit`. Each call waits for the device to finish.
 
 The table reports medians of `--repeats` runs and the ratio scan / cumsum, measured in the same
 run, and each call's median count of minor page faults (fresh memory the OS had to hand over,

@@ -125,7 +125,7 @@ MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associ
     "module, args, message",
     [
         ("layers", ["--repeats", "0"], "--repeats must be at least 1. Received: 0"),
-        ("layers", ["--max-length", "mha=8192"], f"{MAX_LENGTH_MESSAGE}"),
+        ("layers", ["--max-length", "mha=8192"], MAX_LENGTH_MESSAGE),
         ("layers", ["--max-length", "mha_causal=8192", "lstm=0"], "Received: 'lstm=0'"),
         ("layers", ["--max-length", "lstm"], "Received: 'lstm'"),
         ("layers", ["--only", "mha"], "argument --only: invalid choice: 'mha'"),
