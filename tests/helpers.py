@@ -1,5 +1,7 @@
 """Small test helpers: backend-neutral gradients, numpy conversion, and RNG data."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -9,8 +11,14 @@ def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
 
 
-def gradients(fn, inputs):
-    """Gradients of the scalar `fn(*inputs)` with respect to each input array."""
+def gradients(fn, inputs, constants=()):
+    """Gradients of the scalar `fn(*inputs, *constants)` with respect to each of `inputs`.
+
+    On JAX the gradient runs as one `jax.jit` program, cached per `fn`: `jax.grad` outside a
+    jit dispatches and compiles every primitive of the scan on its own, which cost 20-40 s per
+    new shape on 2 cores. Pass the data that is not differentiated as `constants`, so a stable
+    `fn` compiles once per shape and not once per test.
+    """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -18,19 +26,24 @@ def gradients(fn, inputs):
         tensors = [tf.convert_to_tensor(x) for x in inputs]
         with tf.GradientTape() as tape:
             tape.watch(tensors)
-            loss = fn(*tensors)
+            loss = fn(*tensors, *constants)
         return [to_numpy(g) for g in tape.gradient(loss, tensors)]
     if backend == "jax":
-        import jax
-
-        return [np.asarray(g) for g in jax.grad(fn, argnums=tuple(range(len(inputs))))(*inputs)]
+        return [np.asarray(g) for g in _jax_gradient(fn, len(inputs))(*inputs, *constants)]
     if backend == "torch":
         import torch
 
         tensors = [torch.tensor(x, requires_grad=True) for x in inputs]
-        fn(*tensors).backward()
+        fn(*tensors, *constants).backward()
         return [t.grad.numpy() for t in tensors]
     raise NotImplementedError(f"no gradient helper for backend {backend}")
+
+
+@functools.cache
+def _jax_gradient(fn, count):
+    import jax
+
+    return jax.jit(jax.grad(fn, argnums=tuple(range(count))))
 
 
 def assert_close(actual, expected, atol=2e-5, rtol=2e-5, what=""):

@@ -118,11 +118,14 @@ def test_scan_matches_naive_long(method, scores_kind):
         assert_close(got, want, what=f"final {name}")
 
 
-def _loss(method, weights):
-    # Tensors, not ndarrays: PyTorch cannot multiply a tensor that requires grad by an ndarray.
-    g_out, g_final = (ops.convert_to_tensor(w) for w in weights)
-
-    def loss(scores, values, m0, u0, w0, mask):
+@functools.cache
+def _loss(method):
+    # One function per method, so that the gradient helper compiles it once per shape on JAX;
+    # the mask and the output weights come in as arguments.
+    def loss(scores, values, m0, u0, w0, mask, g_out, g_final):
+        # Tensors, not ndarrays: PyTorch cannot multiply a tensor that requires grad by an
+        # ndarray.
+        g_out, g_final = ops.convert_to_tensor(g_out), ops.convert_to_tensor(g_final)
         if method == "naive":
             outputs, final = aaren_attention_naive(scores, values, (m0, u0, w0), mask)
         else:
@@ -152,9 +155,8 @@ def test_scan_gradients_match_naive(method, mask_kind, scores_kind, shape):
     weights = (rng.normal(size=(batch, steps, heads, dim)), rng.normal(size=(batch, heads, dim)))
 
     inputs64 = [scores, values, *state]
-    expected = gradients(lambda *a: _loss("naive", weights)(*a, mask), inputs64)
-    weights32 = f32(*weights)
-    got = gradients(lambda *a: _loss(method, weights32)(*a, mask), list(f32(*inputs64)))
+    expected = gradients(_loss("naive"), inputs64, (mask, *weights))
+    got = gradients(_loss(method), list(f32(*inputs64)), (mask, *f32(*weights)))
 
     for name, g, e in zip(["scores", "values", "m0", "u0", "w0"], got, expected):
         assert np.all(np.isfinite(g)), name
@@ -174,10 +176,8 @@ def test_scan_gradients_match_naive_long(method, scores_kind):
     state = make_state(batch, heads, dim, rng)
     weights = (rng.normal(size=(batch, steps, heads, dim)), rng.normal(size=(batch, heads, dim)))
 
-    expected = gradients(lambda *a: _loss("naive", weights)(*a, mask), [scores, values, *state])
-    got = gradients(
-        lambda *a: _loss(method, f32(*weights))(*a, mask), list(f32(scores, values, *state))
-    )
+    expected = gradients(_loss("naive"), [scores, values, *state], (mask, *weights))
+    got = gradients(_loss(method), list(f32(scores, values, *state)), (mask, *f32(*weights)))
 
     for name, g, e in zip(["scores", "values", "m0", "u0", "w0"], got, expected):
         assert np.all(np.isfinite(g)), name
