@@ -5,7 +5,7 @@ import functools
 import keras
 import numpy as np
 import pytest
-from helpers import assert_close, gradients, to_numpy
+from helpers import assert_close, gradients, naive_attention, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from keras import ops
@@ -91,7 +91,7 @@ def test_scan_matches_naive(method, mask_kind, scores_kind, shape):
     mask = make_mask(mask_kind, batch, steps, rng)
     state = make_state(batch, heads, dim, rng)
 
-    expected, expected_final = aaren_attention_naive(scores, values, state, mask)
+    expected, expected_final = naive_attention(scores, values, state, mask)
     outputs, final = aaren_scan(*f32(scores, values), f32(*state), mask, method=method)
 
     assert_close(outputs, expected, what="outputs")
@@ -110,7 +110,7 @@ def test_scan_matches_naive_long(method, scores_kind):
     values = rng.normal(size=(batch, steps, heads, dim))
     mask = make_mask("holes", batch, steps, rng)
 
-    expected, expected_final = aaren_attention_naive(scores, values, None, mask)
+    expected, expected_final = naive_attention(scores, values, None, mask)
     outputs, final = aaren_scan(*f32(scores, values), None, mask, method=method)
 
     assert_close(outputs, expected, what="outputs")
@@ -282,7 +282,7 @@ def test_chunked_matches_naive_property(batch, steps, heads, dim, chunk_size, sc
     values = rng.normal(size=(batch, steps, heads, dim))
     mask = rng.random((batch, steps)) > rng.uniform(0, 0.9)
     state = make_state(batch, heads, dim, rng)
-    expected, expected_final = aaren_attention_naive(scores, values, state, mask)
+    expected, expected_final = naive_attention(scores, values, state, mask)
     outputs, final = aaren_scan(
         *f32(scores, values), f32(*state), mask, method="chunked", chunk_size=chunk_size
     )
@@ -344,7 +344,7 @@ def test_auto_is_exact():
     scores = make_scores("mixed", 2, 130, 3, rng)
     values = rng.normal(size=(2, 130, 3, 4))
     mask = make_mask("holes", 2, 130, rng)
-    expected, expected_final = aaren_attention_naive(scores, values, None, mask)
+    expected, expected_final = naive_attention(scores, values, None, mask)
     outputs, final = aaren_scan(*f32(scores, values), None, mask, method="auto")
     assert_close(outputs, expected)
     for got, want in zip(final, expected_final):
