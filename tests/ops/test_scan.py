@@ -365,8 +365,8 @@ def test_tensorflow_kernel_traces_once_per_shape(monkeypatch):
     assert scan._tf_kernel(True, eager=True).experimental_get_tracing_count() == 2
 
 
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the eager kernel is JAX's")
-def test_jax_eager_scan_traces_once_per_shape(monkeypatch):
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the jitted scan is JAX's")
+def test_jax_scan_traces_once_per_shape(monkeypatch):
     from keras_aaren.ops import scan
 
     traced = []
@@ -378,11 +378,21 @@ def test_jax_eager_scan_traces_once_per_shape(monkeypatch):
 
     # A fresh program around the counting body: `jax.jit` calls it only while tracing.
     monkeypatch.setattr(scan, "_scan", counting)
-    fresh = functools.cache(scan._jax_eager_scan.__wrapped__)
-    monkeypatch.setattr(scan, "_jax_eager_scan", fresh)
+    fresh = functools.cache(scan._jax_scan.__wrapped__)
+    monkeypatch.setattr(scan, "_jax_scan", fresh)
     rng = np.random.default_rng(6)
     for steps in (37, 37, 37, 38, 38):
         scores, values = f32(rng.normal(size=(2, steps, 3)), rng.normal(size=(2, steps, 3, 4)))
         outputs, _ = aaren_scan(scores, values)
         assert_close(outputs, aaren_attention_naive(scores, values)[0])
+    assert traced == [(2, 37, 3), (2, 38, 3)]
+
+    # Differentiated eagerly or inside a caller's jax.jit, a known shape is not traced again.
+    import jax
+
+    def loss(scores, values):
+        return ops.sum(aaren_scan(scores, values)[0])
+
+    jax.grad(loss)(scores, values)
+    jax.jit(jax.grad(loss))(scores, values)
     assert traced == [(2, 37, 3), (2, 38, 3)]
