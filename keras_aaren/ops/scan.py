@@ -562,7 +562,8 @@ def aaren_scan(
             over the chunk summaries; no loop, so it compiles under XLA) or `"auto"` (currently
             `"chunked"` on every backend). On TensorFlow, `"chunked"` and `"auto"` run as one
             XLA-compiled `tf.function`, also when called eagerly (traced and compiled once per
-            shape), or inline when the caller is itself XLA-compiled.
+            shape), or inline when the caller is itself XLA-compiled. On JAX, every method runs
+            as one `jax.jit` program per shape, eager or inside a caller's trace.
         chunk_size: int >= 2, the chunk length of `"chunked"`.
 
     Returns:
