@@ -7,7 +7,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
-
 # The folder of JAX's compilation cache that this process made for the test run, if any.
 _JAX_CACHE_DIR = None
 
