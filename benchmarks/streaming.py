@@ -17,12 +17,16 @@ Three models of the same width and depth serve one stream, a token per call, eac
   attends over all of them, so its cost grows with the position. It stays a plain `tf.function`
   with `--xla` too: its reads grow by one entry per token, a shape XLA would recompile for.
 
-Reported per model: the median latency of the tokens in a window at the start of the stream
-and in the last window, the state (or cache) in bytes, and the process's resident memory as the
-stream goes. This reproduces the efficiency figure of Feng et al. (memory and cumulative time
-against tokens). Before timing it checks that stepping the Aaren model reproduces the parallel
-model; it refuses to report if not. Results go to `<output-dir>/streaming.json` and
-`<output-dir>/streaming.png`.
+Reported per model: the median per-token latency at token 16 and at the last token, the state
+(or cache) in bytes, and the process's resident memory as the stream goes. The latencies are
+not read off the stream: a shared machine has slow spells that last hundreds of tokens, and one
+falling on either end of the stream would pass for a cost that changes with the position. The
+state before token 16 and before the last token are kept, and after the stream every model
+steps from each of them in turns: `--rounds` rounds of `--window` calls, each round starting
+one (model, position) further along, as `benchmarks.layers` times its contenders. This
+reproduces the efficiency figure of Feng et al. (memory and cumulative time against tokens).
+Before timing it checks that stepping the Aaren model reproduces the parallel model; it refuses
+to report if not. Results go to `<output-dir>/streaming.json` and `<output-dir>/streaming.png`.
 """
 
 import argparse
@@ -39,6 +43,9 @@ from benchmarks.layers import machine
 from benchmarks.memory import status_bytes
 from keras_aaren import AarenBlock
 from keras_aaren.streaming import make_step_function
+
+# The token (counted from 1) whose latency stands for the start of the stream.
+START = 16
 
 
 def sequence_model(kind, width, heads, depth):
@@ -67,6 +74,16 @@ class KerasStream:
     def __call__(self, x):
         y, self.states = self.step(x, self.states)
         return keras.ops.convert_to_numpy(y)
+
+    def snapshot(self):
+        return list(self.states)
+
+    def time_from(self, snapshot, x):
+        """Seconds for one token from a saved state, leaving the stream's state alone."""
+        start = time.perf_counter()
+        y, _ = self.step(x, snapshot)
+        keras.ops.convert_to_numpy(y)
+        return time.perf_counter() - start
 
 
 class KVCacheTransformer:
@@ -113,6 +130,18 @@ class KVCacheTransformer:
     def state_bytes(self, tokens):
         return 2 * self.depth * tokens * self.width * 4
 
+    def snapshot(self):
+        return int(self.position.numpy())
+
+    def time_from(self, snapshot, x):
+        """Seconds for the token at position `snapshot`: it reads that many cached entries."""
+        # The cache past the position is never read, so rewinding the position is enough; the
+        # write at the position only rewrites an entry of the stream that was served.
+        self.position.assign(snapshot)
+        start = time.perf_counter()
+        self.step(x).numpy()
+        return time.perf_counter() - start
+
     def _step(self, x):
         import tensorflow as tf
 
@@ -154,16 +183,33 @@ def check_correctness(width, heads):
     return error < 1e-4, error
 
 
-def stream(step_fn, tokens, width, seed=0):
-    """Per-token latency (s) and resident memory (bytes) while serving `tokens` tokens."""
+def stream(run, tokens, width, keep_at, seed=0):
+    """Per-token latency (s) and resident memory (bytes) while serving `tokens` tokens, and the
+    runner's snapshots before the tokens at the positions `keep_at` (0-based)."""
     xs = np.random.default_rng(seed).normal(size=(tokens, 1, width)).astype("float32")
     latencies, resident = np.empty(tokens), np.empty(tokens)
+    kept = {}
     for t in range(tokens):
+        if t in keep_at:
+            kept[t] = run.snapshot()
         start = time.perf_counter()
-        step_fn(xs[t])
+        run(xs[t])
         latencies[t] = time.perf_counter() - start
         resident[t] = status_bytes("VmRSS")
-    return latencies, resident
+    return latencies, resident, kept
+
+
+def latencies_at(runners, snapshots, width, rounds, calls, seed=1):
+    """Median seconds per token of each (runner, position), timed in turns from saved states."""
+    xs = np.random.default_rng(seed).normal(size=(calls, 1, width)).astype("float32")
+    keys = [(name, where) for name in runners for where in snapshots[name]]
+    samples = {key: [] for key in keys}
+    for r in range(rounds):
+        shift = r % len(keys)
+        for name, where in keys[shift:] + keys[:shift]:
+            run, saved = runners[name], snapshots[name][where]
+            samples[name, where] += [run.time_from(saved, x) for x in xs]
+    return {key: statistics.median(times) for key, times in samples.items()}
 
 
 def main(argv=None):
@@ -172,12 +218,18 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--window", type=int, default=64, help="tokens per latency window")
+    parser.add_argument("--window", type=int, default=64, help="calls per turn of the timing")
+    parser.add_argument("--rounds", type=int, default=9, help="turns of the timing per position")
     parser.add_argument(
         "--xla", action="store_true", help="compile the aaren and lstm steps with XLA"
     )
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
+    for name in ("window", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1. Received: {getattr(args, name)}")
+    if args.tokens <= START:
+        parser.error(f"--tokens must be more than {START}. Received: {args.tokens}")
     if keras.backend.backend() != "tensorflow":
         sys.exit("benchmarks.streaming measures the TensorFlow backend")
     ok, error = check_correctness(args.width, args.heads)
@@ -195,26 +247,28 @@ def main(argv=None):
         args.width, args.heads, args.depth, capacity=args.tokens
     )
 
-    start_window = slice(16, 16 + args.window)
-    end_window = slice(args.tokens - args.window, args.tokens)
-    results = {}
+    results, snapshots = {}, {}
     for name, run in runners.items():
         for _ in range(3):
             run(np.zeros((1, args.width), "float32"))
         run.reset()
-        latencies, resident = stream(run, args.tokens, args.width)
+        # The states before token START and before the last token, as 0-based positions.
+        positions = {"start": START - 1, "end": args.tokens - 1}
+        latencies, resident, kept = stream(run, args.tokens, args.width, positions.values())
+        snapshots[name] = {where: kept[t] for where, t in positions.items()}
         results[name] = {
-            "p50_start_ms": 1000 * statistics.median(latencies[start_window]),
-            "p50_end_ms": 1000 * statistics.median(latencies[end_window]),
-            "state_bytes_start": run.state_bytes(16),
+            "state_bytes_start": run.state_bytes(START),
             "state_bytes_end": run.state_bytes(args.tokens),
-            "resident_mb_start": resident[16] / 2**20,
+            "resident_mb_start": resident[START - 1] / 2**20,
             "resident_mb_end": resident[-1] / 2**20,
             "cumulative_s": np.cumsum(latencies).tolist(),
         }
-        row = results[name]
+    medians = latencies_at(runners, snapshots, args.width, args.rounds, args.window)
+    for name, row in results.items():
+        row["p50_start_ms"] = 1000 * medians[name, "start"]
+        row["p50_end_ms"] = 1000 * medians[name, "end"]
         print(
-            f"{name:15s} p50 at token 16: {row['p50_start_ms']:6.3f} ms, at token "
+            f"{name:15s} p50 at token {START}: {row['p50_start_ms']:6.3f} ms, at token "
             f"{args.tokens}: {row['p50_end_ms']:6.3f} ms "
             f"({row['p50_end_ms'] / row['p50_start_ms']:5.2f}x); state "
             f"{row['state_bytes_start']} -> {row['state_bytes_end']} bytes; resident "

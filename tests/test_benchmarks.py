@@ -3,6 +3,7 @@
 import json
 
 import keras
+import numpy as np
 import pytest
 
 from benchmarks import layers
@@ -115,7 +116,28 @@ def test_streaming_benchmark_smoke(tmp_path):
         > results["transformer_kv"]["state_bytes_start"]
     )
     assert results["aaren"]["state_bytes_end"] == results["aaren"]["state_bytes_start"]
+    assert all(row["p50_start_ms"] > 0 and row["p50_end_ms"] > 0 for row in results.values())
     assert (tmp_path / "streaming.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
+def test_streaming_timing_leaves_the_stream_alone():
+    from benchmarks import streaming
+
+    def values(states):
+        return [keras.ops.convert_to_numpy(s) for s in states]
+
+    run = streaming.KerasStream(streaming.sequence_model("aaren", 8, 2, 1))
+    xs = np.random.default_rng(0).normal(size=(3, 1, 8)).astype("float32")
+    run(xs[0])
+    saved = run.snapshot()
+    saved_values = values(saved)
+    run(xs[1])
+    after = values(run.states)
+    assert run.time_from(saved, xs[2]) > 0
+    # Timing a step from a saved state neither moves the stream nor changes what was saved.
+    for got, expected in zip(values(run.states) + values(saved), after + saved_values):
+        np.testing.assert_array_equal(got, expected)
 
 
 MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associative"
@@ -130,6 +152,9 @@ MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associ
         ("layers", ["--max-length", "lstm"], "Received: 'lstm'"),
         ("layers", ["--only", "mha"], "argument --only: invalid choice: 'mha'"),
         ("memory", ["--cap-gib", "0"], "--cap-gib must be positive. Received: 0.0"),
+        ("streaming", ["--window", "0"], "--window must be at least 1. Received: 0"),
+        ("streaming", ["--rounds", "0"], "--rounds must be at least 1. Received: 0"),
+        ("streaming", ["--tokens", "16"], "--tokens must be more than 16. Received: 16"),
     ],
     ids=[
         "layers-repeats-0",
@@ -138,6 +163,9 @@ MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associ
         "layers-max-length-no-T",
         "layers-only-unknown",
         "memory-cap-0",
+        "streaming-window-0",
+        "streaming-rounds-0",
+        "streaming-tokens-16",
     ],
 )
 def test_benchmark_arguments_are_checked(module, args, message, capsys):
