@@ -7,11 +7,20 @@ Run (the defaults are the issue's protocol: batch 8, width 64, 4 heads of 16, fl
     KERAS_BACKEND=jax python -m benchmarks.memory     # on a GPU: the device's allocator
 
 Each (contender, length) runs in a fresh process: it builds the layer and the input, runs the
-compiled training step of `benchmarks.layers` once (tracing and compiling it), then resets the
-kernel's peak-resident counter (`/proc/self/clear_refs`), runs the step again and reports the
-peak resident memory above what the process held just before: the working memory of one step,
-without the compiler's. The process runs with a fixed `MALLOC_MMAP_THRESHOLD_`, so that freed
-buffers go back to the system and the resident size follows what is live.
+compiled training step of `benchmarks.layers` once (tracing and compiling it), then runs it
+again and reports the working memory of that one step, without the compiler's.
+
+On TensorFlow that is the peak of the bytes its CPU allocator has in use during the second call,
+above those in use before it (`tf.config.experimental.get_memory_info`, reset before the call):
+every tensor the step allocates, the temporaries of its XLA kernels included (buffers of a few
+KiB may not show: a (2, 8, 64) step's came to 0). The peak resident
+memory above what the process held just before (the kernel's peak-resident counter, reset with
+`/proc/self/clear_refs`) is reported beside it. That was the measure before session 12, and it
+depends on the host: it follows what is live only where `malloc` gives freed buffers back to the
+system (the process runs with a fixed `MALLOC_MMAP_THRESHOLD_` for that). On session 12's
+machine TensorFlow kept the memory the first call had used, and the second call grew the
+process by 0.1 MiB for causal attention at T = 2048, whose step has 1560 MiB in use at its peak.
+On JAX on a CPU, the resident measure is the one reported.
 
 On an accelerator (JAX on a GPU), the step's memory is the device's, read from JAX's allocator
 statistics: the peak bytes in use during the first two calls above what was in use before them.
@@ -82,13 +91,26 @@ def device_memory_stats():
     return jax.devices()[0].memory_stats()
 
 
+def tensorflow_peak(run):
+    """The bytes TensorFlow's CPU allocator had in use at the peak of `run()`, above those in use
+    before it: every tensor of the step and the temporaries of its XLA kernels, whether or not
+    the host's `malloc` gives freed memory back to the system."""
+    import tensorflow as tf
+
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    run()
+    return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+
 def measure(name, steps, batch, heads, key_dim):
     """The memory of one compiled forward+backward, as a dict of bytes.
 
     Prints `start <bytes>` before the first call, for the parent's watch. Returns `memory`
-    (`"resident"` or `"device"`), `first_call` (the growth over the first call, tracing
-    included), `peak` (the step's working memory) and, on JAX, `planned` (XLA's temporaries
-    and outputs for the compiled step).
+    (`"allocator"` on TensorFlow, `"device"` on a JAX accelerator, `"resident"` otherwise),
+    `first_call` (the resident growth over the first call, tracing included), `peak` (the
+    step's working memory), on TensorFlow `resident_peak` (the resident growth over the second
+    call) and on JAX `planned` (XLA's temporaries and outputs for the compiled step).
     """
     make_layer = contenders(heads, key_dim, heads * key_dim)[name]
     run = train_step_on(make_layer, batch, steps, heads * key_dim)
@@ -111,6 +133,15 @@ def measure(name, steps, batch, heads, key_dim):
     first_call = status_bytes("VmHWM") - start
     before = status_bytes("VmRSS")
     reset_peak()
+    if keras.backend.backend() == "tensorflow":
+        peak = tensorflow_peak(run)
+        resident = status_bytes("VmHWM") - before
+        return record | {
+            "memory": "allocator",
+            "first_call": first_call,
+            "peak": peak,
+            "resident_peak": resident,
+        }
     run()
     peak = status_bytes("VmHWM") - before
     return record | {"memory": "resident", "first_call": first_call, "peak": peak}
@@ -182,6 +213,7 @@ def main(argv=None):
     results = {name: {} for name in (args.only or CONTENDERS)}
     first_calls = {name: {} for name in results}
     planned = {name: {} for name in results}
+    resident_peaks = {name: {} for name in results}
     kinds = set()
     over_cap = {name: {} for name in results}
     failed = {name: {} for name in results}
@@ -203,6 +235,9 @@ def main(argv=None):
                 if "planned" in value:
                     planned[name][steps] = value["planned"]
                     plan = f"; XLA's plan: {value['planned'] / 2**20:.1f} MiB"
+                if "resident_peak" in value:
+                    resident_peaks[name][steps] = value["resident_peak"]
+                    plan = f"; resident: {value['resident_peak'] / 2**20:.1f} MiB"
                 print(
                     f"T={steps:6d} {name:12s} {value['peak'] / 2**20:10.1f} MiB {value['memory']} "
                     f"(first call, tracing included: {value['first_call'] / 2**20:.1f} MiB{plan})",
@@ -226,6 +261,7 @@ def main(argv=None):
         "peak_bytes": results,
         "first_call_bytes": first_calls,
         "planned_bytes": planned,
+        "resident_peak_bytes": resident_peaks,
         "over_cap_bytes": over_cap,
         "failed": failed,
     }

@@ -77,7 +77,11 @@ def test_memory_benchmark_smoke(tmp_path):
     assert status == 0
     record = json.loads((tmp_path / "memory.json").read_text())
     assert record["peak_bytes"]["aaren"]["8"] >= 0
-    assert record["protocol"]["memory"] == ["resident"]
+    if keras.backend.backend() == "tensorflow":
+        assert record["protocol"]["memory"] == ["allocator"]
+        assert record["resident_peak_bytes"]["aaren"]["8"] >= 0
+    else:
+        assert record["protocol"]["memory"] == ["resident"]
     # XLA's buffer plan exists on JAX only; it holds at least the input's gradient.
     planned = record["planned_bytes"]["aaren"]
     if keras.backend.backend() == "jax":
@@ -85,6 +89,23 @@ def test_memory_benchmark_smoke(tmp_path):
     else:
         assert planned == {}
     assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's allocator")
+def test_tensorflow_peak_counts_freed_temporaries():
+    import tensorflow as tf
+
+    from benchmarks import memory
+
+    @tf.function
+    def step(x):
+        # A (1024, 1024) float32 temporary, 4 MiB, that is freed before the step returns.
+        return tf.reduce_sum(tf.exp(x[:, None] * x[None, :]))
+
+    x = tf.ones((1024,))
+    step(x)
+    peak = memory.tensorflow_peak(lambda: step(x))
+    assert 4 * 2**20 <= peak < 16 * 2**20
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
