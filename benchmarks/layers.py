@@ -234,6 +234,13 @@ def _jax_train_step_on(make_layer, batch, steps, width):
     return run
 
 
+def in_turns(keys, rounds):
+    """`keys` in `rounds` rounds, each round starting one key further along than the last."""
+    for round_index in range(rounds):
+        shift = round_index % len(keys)
+        yield from keys[shift:] + keys[:shift]
+
+
 def time_round_robin(makers, batch, steps, width, repeats, xla):
     """Median ms of each contender's step, the contenders timed in turns.
 
@@ -251,12 +258,10 @@ def time_round_robin(makers, batch, steps, width, repeats, xla):
     names = list(runs)
     samples = {name: [] for name in names}
     faults = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            ms, count = timed(runs[name])
-            samples[name].append(ms)
-            faults[name].append(count)
+    for name in in_turns(names, repeats):
+        ms, count = timed(runs[name])
+        samples[name].append(ms)
+        faults[name].append(count)
     medians = {name: statistics.median(times) for name, times in samples.items()}
     return medians, samples, {name: statistics.median(f) for name, f in faults.items()}
 

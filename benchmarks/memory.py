@@ -20,8 +20,8 @@ peak-resident counter, reset with `/proc/self/clear_refs`), is reported beside i
 measure before session 12, and it depends on the host: it follows what is live only where
 `malloc` gives freed buffers back to the system (the process runs with a fixed
 `MALLOC_MMAP_THRESHOLD_` for that). On session 12's machine TensorFlow kept the memory its first
-call had used, and the second call grew the process by 0.1 MiB for causal attention at
-T = 2048, whose step has 1560 MiB in use at its peak. On JAX on a CPU, the resident measure is
+call had used, and the second call grew the process by 3.9 MiB for causal attention at
+T = 2048, whose step has 1557 MiB in use at its peak. On JAX on a CPU, the resident measure is
 the one reported.
 
 On an accelerator (JAX on a GPU), the step's memory is the device's, read from JAX's allocator
@@ -139,15 +139,15 @@ def measure(name, steps, batch, heads, key_dim):
     before = status_bytes("VmRSS")
     reset_peak()
     if keras.backend.backend() == "tensorflow":
-        peak = tensorflow_peak(run)
+        peaks = [tensorflow_peak(run)]
         resident = status_bytes("VmHWM") - before
         # The peak depends on the order in which the executor's threads run the step's ops: at
         # T = 16384 Aaren's was 258 or 322 MiB, mostly the same from step to step of a process.
-        peak = statistics.median([peak] + [tensorflow_peak(run) for _ in range(TF_STEPS - 1)])
+        peaks += [tensorflow_peak(run) for _ in range(TF_STEPS - 1)]
         return record | {
             "memory": "allocator",
             "first_call": first_call,
-            "peak": peak,
+            "peak": statistics.median(peaks),
             "resident_peak": resident,
         }
     run()
@@ -239,16 +239,16 @@ def main(argv=None):
                 kinds.add(value["memory"])
                 results[name][steps] = value["peak"]
                 first_calls[name][steps] = value["first_call"]
-                plan = ""
+                extra = ""
                 if "planned" in value:
                     planned[name][steps] = value["planned"]
-                    plan = f"; XLA's plan: {value['planned'] / 2**20:.1f} MiB"
+                    extra += f"; XLA's plan: {value['planned'] / 2**20:.1f} MiB"
                 if "resident_peak" in value:
                     resident_peaks[name][steps] = value["resident_peak"]
-                    plan = f"; resident: {value['resident_peak'] / 2**20:.1f} MiB"
+                    extra += f"; resident: {value['resident_peak'] / 2**20:.1f} MiB"
                 print(
                     f"T={steps:6d} {name:12s} {value['peak'] / 2**20:10.1f} MiB {value['memory']} "
-                    f"(first call, tracing included: {value['first_call'] / 2**20:.1f} MiB{plan})",
+                    f"(first call, tracing included: {value['first_call'] / 2**20:.1f} MiB{extra})",
                     flush=True,
                 )
 

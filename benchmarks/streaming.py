@@ -39,7 +39,7 @@ import time
 import keras
 import numpy as np
 
-from benchmarks.layers import machine
+from benchmarks.layers import in_turns, machine
 from benchmarks.memory import status_bytes
 from keras_aaren import AarenBlock
 from keras_aaren.streaming import make_step_function
@@ -204,11 +204,9 @@ def latencies_at(runners, snapshots, width, rounds, calls, seed=1):
     xs = np.random.default_rng(seed).normal(size=(calls, 1, width)).astype("float32")
     keys = [(name, where) for name in runners for where in snapshots[name]]
     samples = {key: [] for key in keys}
-    for r in range(rounds):
-        shift = r % len(keys)
-        for name, where in keys[shift:] + keys[:shift]:
-            run, saved = runners[name], snapshots[name][where]
-            samples[name, where] += [run.time_from(saved, x) for x in xs]
+    for name, where in in_turns(keys, rounds):
+        run, saved = runners[name], snapshots[name][where]
+        samples[name, where] += [run.time_from(saved, x) for x in xs]
     return {key: statistics.median(times) for key, times in samples.items()}
 
 
@@ -247,13 +245,13 @@ def main(argv=None):
         args.width, args.heads, args.depth, capacity=args.tokens
     )
 
+    # The states before token START and before the last token, as 0-based positions.
+    positions = {"start": START - 1, "end": args.tokens - 1}
     results, snapshots = {}, {}
     for name, run in runners.items():
         for _ in range(3):
             run(np.zeros((1, args.width), "float32"))
         run.reset()
-        # The states before token START and before the last token, as 0-based positions.
-        positions = {"start": START - 1, "end": args.tokens - 1}
         latencies, resident, kept = stream(run, args.tokens, args.width, positions.values())
         snapshots[name] = {where: kept[t] for where, t in positions.items()}
         results[name] = {
