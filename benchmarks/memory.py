@@ -82,9 +82,15 @@ def status_bytes(field, pid="self"):
 
 
 def reset_peak():
-    """Start the kernel's peak-resident counter (VmHWM) afresh from the current resident size."""
+    """Start the kernel's peak-resident counter (VmHWM) afresh from the current resident size,
+    and return the size it starts from.
+
+    The baseline is read from the counter itself, after the reset: a resident size read before
+    it can exceed the counter's start when another thread frees memory in between, and the
+    growth then came out negative (-20 KiB in one CI run)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+    return status_bytes("VmHWM")
 
 
 def device_memory_stats():
@@ -102,8 +108,10 @@ def tensorflow_peak(run):
     the host's `malloc` gives freed memory back to the system."""
     import tensorflow as tf
 
-    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    # Reset first, then read the baseline: a tensor freed in between would otherwise lower the
+    # peak's start below the baseline.
     tf.config.experimental.reset_memory_stats("CPU:0")
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     run()
     return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
 
@@ -133,11 +141,10 @@ def measure(name, steps, batch, heads, key_dim):
         run()
         peak = device_memory_stats()["peak_bytes_in_use"] - held
         return record | {"memory": "device", "first_call": first_call, "peak": peak}
-    reset_peak()
+    held = reset_peak()
     run()
-    first_call = status_bytes("VmHWM") - start
-    before = status_bytes("VmRSS")
-    reset_peak()
+    first_call = status_bytes("VmHWM") - held
+    before = reset_peak()
     if keras.backend.backend() == "tensorflow":
         peaks = [tensorflow_peak(run)]
         resident = status_bytes("VmHWM") - before
