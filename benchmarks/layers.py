@@ -388,11 +388,12 @@ def plot(results, path, args):
     )
 
 
-def plot_against_length(results, path, ylabel, title, lower_bounds=None):
+def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=None):
     """`{contender: {T: value}}` as one log-log line per contender, saved to `path`.
 
     `lower_bounds`, of the same structure, are values known only to be exceeded: drawn as
-    upward triangles in the contender's colour, unconnected.
+    upward triangles in the contender's colour, unconnected. `ranges`, `{contender: {T: (low,
+    high)}}`, are drawn as vertical bars in the contender's colour.
     """
     import matplotlib
 
@@ -407,6 +408,11 @@ def plot_against_length(results, path, ylabel, title, lower_bounds=None):
             continue
         lengths = sorted(row)
         (line,) = ax.plot(lengths, [row[t] for t in lengths], marker="o", label=name)
+        spans = (ranges or {}).get(name, {})
+        if spans:
+            points = sorted(spans)
+            low, high = ([spans[t][i] for t in points] for i in (0, 1))
+            ax.vlines(points, low, high, color=line.get_color(), linewidth=4, alpha=0.4)
         if bounds:
             label = f"{name}: more than (stopped)"
             points = sorted(bounds)

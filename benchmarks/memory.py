@@ -116,17 +116,19 @@ def tensorflow_peak(run):
     return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
 
 
-def measure(name, steps, batch, heads, key_dim):
+def measure(name, steps, batch, heads, key_dim, xla=False):
     """The memory of one compiled forward+backward, as a dict of bytes.
 
     Prints `start <bytes>` before the first call, for the parent's watch. Returns `memory`
     (`"allocator"` on TensorFlow, `"device"` on a JAX accelerator, `"resident"` otherwise),
     `first_call` (the resident growth over the first call, tracing included), `peak` (the
-    step's working memory), on TensorFlow `resident_peak` (the resident growth over the second
-    call) and on JAX `planned` (XLA's temporaries and outputs for the compiled step).
+    step's working memory), `peaks` (every measured step's, of which `peak` is the median), on
+    TensorFlow `resident_peak` (the resident growth over the second call) and on JAX `planned`
+    (XLA's temporaries and outputs for the compiled step). `xla` compiles TensorFlow's whole
+    step with XLA.
     """
     make_layer = contenders(heads, key_dim, heads * key_dim)[name]
-    run = train_step_on(make_layer, batch, steps, heads * key_dim)
+    run = train_step_on(make_layer, batch, steps, heads * key_dim, xla)
     start = status_bytes("VmRSS")
     print(f"start {start}", flush=True)
     record = {}
@@ -140,7 +142,12 @@ def measure(name, steps, batch, heads, key_dim):
         first_call = device_memory_stats()["peak_bytes_in_use"] - held
         run()
         peak = device_memory_stats()["peak_bytes_in_use"] - held
-        return record | {"memory": "device", "first_call": first_call, "peak": peak}
+        return record | {
+            "memory": "device",
+            "first_call": first_call,
+            "peak": peak,
+            "peaks": [peak],
+        }
     held = reset_peak()
     run()
     first_call = status_bytes("VmHWM") - held
@@ -155,11 +162,12 @@ def measure(name, steps, batch, heads, key_dim):
             "memory": "allocator",
             "first_call": first_call,
             "peak": statistics.median(peaks),
+            "peaks": peaks,
             "resident_peak": resident,
         }
     run()
     peak = status_bytes("VmHWM") - before
-    return record | {"memory": "resident", "first_call": first_call, "peak": peak}
+    return record | {"memory": "resident", "first_call": first_call, "peak": peak, "peaks": [peak]}
 
 
 def run_child(command, env, cap):
@@ -193,6 +201,13 @@ def run_child(command, env, cap):
     return "measured", json.loads(output.strip().splitlines()[-1])
 
 
+def growth_per_doubling(row):
+    """The largest ratio of a length's figure to half that length's, or None without a pair."""
+    lengths = sorted(row)
+    growth = [row[2 * t] / row[t] for t in lengths if 2 * t in row and row[t] > 0]
+    return max(growth) if growth else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -201,6 +216,10 @@ def main(argv=None):
     parser.add_argument("--key-dim", type=int, default=16)
     parser.add_argument("--only", nargs="+", choices=CONTENDERS)
     parser.add_argument(
+        "--processes", type=int, default=3, help="fresh processes per contender and length"
+    )
+    parser.add_argument("--xla", action="store_true", help="tf.function(jit_compile=True)")
+    parser.add_argument(
         "--cap-gib", type=float, default=10.0, help="stop a child that grows past this"
     )
     parser.add_argument("--child", nargs=2, metavar=("NAME", "T"), help=argparse.SUPPRESS)
@@ -208,13 +227,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cap_gib <= 0:
         parser.error(f"--cap-gib must be positive. Received: {args.cap_gib}")
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1. Received: {args.processes}")
+    if args.xla and keras.backend.backend() != "tensorflow":
+        parser.error(
+            "--xla compiles TensorFlow's step with XLA; on JAX every step is jax.jit-compiled. "
+            f"Received: --xla with KERAS_BACKEND={keras.backend.backend()}"
+        )
     if keras.backend.backend() == "jax":
         # JAX takes 75% of a GPU's memory the first time it uses it. This process only checks
         # correctness; the device is for the measuring children.
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if args.child:
         name, steps = args.child[0], int(args.child[1])
-        print(json.dumps(measure(name, steps, args.batch, args.heads, args.key_dim)))
+        print(json.dumps(measure(name, steps, args.batch, args.heads, args.key_dim, args.xla)))
         return 0
 
     ok, error = check_correctness()
@@ -223,60 +249,95 @@ def main(argv=None):
         return 1
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TF_CPP_MIN_LOG_LEVEL="3")
     shape = ["--batch", str(args.batch), "--heads", str(args.heads)]
-    shape += ["--key-dim", str(args.key_dim)]
+    shape += ["--key-dim", str(args.key_dim)] + (["--xla"] if args.xla else [])
     cap = int(args.cap_gib * 2**30)
-    results = {name: {} for name in (args.only or CONTENDERS)}
-    first_calls = {name: {} for name in results}
-    planned = {name: {} for name in results}
-    resident_peaks = {name: {} for name in results}
+    names = args.only or CONTENDERS
+    tables = ("peak", "least", "most", "first_call", "planned", "resident_peak")
+    results = {table: {name: {} for name in names} for table in tables}
+    children = {name: {} for name in names}
     kinds = set()
-    over_cap = {name: {} for name in results}
-    failed = {name: {} for name in results}
+    over_cap = {name: {} for name in names}
+    failed = {name: {} for name in names}
     for steps in args.lengths:
-        for name in results:
+        for name in names:
             command = [sys.executable, "-m", "benchmarks.memory", "--child", name, str(steps)]
-            outcome, value = run_child([*command, *shape], env, cap)
-            if outcome == "over_cap":
-                over_cap[name][steps] = value
-                print(f"T={steps:6d} {name:12s} > {value / 2**20:8.0f} MiB (stopped)", flush=True)
-            elif outcome == "failed":
-                failed[name][steps] = value
-                print(f"T={steps:6d} {name:12s} failed: {value}", flush=True)
-            else:
+            measured = []
+            for _ in range(args.processes):
+                outcome, value = run_child([*command, *shape], env, cap)
+                if outcome == "over_cap":
+                    over_cap[name][steps] = value
+                    print(
+                        f"T={steps:6d} {name:12s} > {value / 2**20:8.0f} MiB (stopped)", flush=True
+                    )
+                    break
+                if outcome == "failed":
+                    failed[name][steps] = value
+                    print(f"T={steps:6d} {name:12s} failed: {value}", flush=True)
+                    break
+                measured.append(value)
                 kinds.add(value["memory"])
-                results[name][steps] = value["peak"]
-                first_calls[name][steps] = value["first_call"]
                 extra = ""
                 if "planned" in value:
-                    planned[name][steps] = value["planned"]
                     extra += f"; XLA's plan: {value['planned'] / 2**20:.1f} MiB"
                 if "resident_peak" in value:
-                    resident_peaks[name][steps] = value["resident_peak"]
                     extra += f"; resident: {value['resident_peak'] / 2**20:.1f} MiB"
+                steps_mib = ", ".join(f"{peak / 2**20:.1f}" for peak in value["peaks"])
                 print(
                     f"T={steps:6d} {name:12s} {value['peak'] / 2**20:10.1f} MiB {value['memory']} "
-                    f"(first call, tracing included: {value['first_call'] / 2**20:.1f} MiB{extra})",
+                    f"(steps: {steps_mib}; first call, tracing included: "
+                    f"{value['first_call'] / 2**20:.1f} MiB{extra})",
                     flush=True,
                 )
+            if len(measured) < args.processes:
+                continue
+            children[name][steps] = measured
+            every = [peak for value in measured for peak in value["peaks"]]
+            summary = {
+                "peak": statistics.median(value["peak"] for value in measured),
+                "least": min(every),
+                "most": max(every),
+                "first_call": statistics.median(value["first_call"] for value in measured),
+            }
+            for key in ("planned", "resident_peak"):
+                if key in measured[0]:
+                    summary[key] = statistics.median(value[key] for value in measured)
+            for key, figure in summary.items():
+                results[key][name][steps] = figure
 
-    print(f"\npeak working memory of one forward+backward step (MiB, {', '.join(sorted(kinds))})")
-    for name, row in results.items():
-        cells = [f"T={t}: {row[t] / 2**20:.1f}" for t in sorted(row)]
+    print(
+        f"\npeak working memory of one forward+backward step (MiB, {', '.join(sorted(kinds))}, "
+        f"{'XLA' if args.xla else 'tf.function'}): the median over {args.processes} processes "
+        "[the least and the most of any step]"
+    )
+    for name in names:
+        row = results["peak"][name]
+        cells = [
+            f"T={t}: {row[t] / 2**20:.1f} [{results['least'][name][t] / 2**20:.1f}-"
+            f"{results['most'][name][t] / 2**20:.1f}]"
+            for t in sorted(row)
+        ]
         cells += [f"T={t}: > {over_cap[name][t] / 2**20:.0f}" for t in sorted(over_cap[name])]
-        growth = [row[b] / row[a] for a, b in zip(sorted(row), sorted(row)[1:]) if b == 2 * a]
-        worst = f"; worst growth per doubling {max(growth):.2f}x" if growth else ""
+        growth = [growth_per_doubling(results[table][name]) for table in ("peak", "least", "most")]
+        worst = ""
+        if growth[0] is not None:
+            worst = "; worst growth per doubling {:.2f}x (least {:.2f}x, most {:.2f}x)".format(
+                *growth
+            )
         print(f"{name:12s} " + ", ".join(cells) + worst)
 
     os.makedirs(args.output_dir, exist_ok=True)
     record = {
         "protocol": {k: v for k, v in vars(args).items() if k != "child"}
-        | {"memory": sorted(kinds)},
+        | {"memory": sorted(kinds), "compilation": "XLA" if args.xla else "tf.function"},
         "machine": machine(),
         "oracle_max_error": error,
-        "peak_bytes": results,
-        "first_call_bytes": first_calls,
-        "planned_bytes": planned,
-        "resident_peak_bytes": resident_peaks,
+        "peak_bytes": results["peak"],
+        "least_peak_bytes": results["least"],
+        "most_peak_bytes": results["most"],
+        "first_call_bytes": results["first_call"],
+        "planned_bytes": results["planned"],
+        "resident_peak_bytes": results["resident_peak"],
+        "children": children,
         "over_cap_bytes": over_cap,
         "failed": failed,
     }
@@ -291,13 +352,16 @@ def plot(results, over_cap, args, path):
     def mib(table):
         return {name: {t: peak / 2**20 for t, peak in row.items()} for name, row in table.items()}
 
+    least, most = mib(results["least"]), mib(results["most"])
+    compilation = "XLA" if args.xla else "tf.function"
     plot_against_length(
-        mib(results),
+        mib(results["peak"]),
         path,
         "peak working memory, MiB",
-        f"One layer, forward+backward, batch {args.batch}, width {args.heads * args.key_dim} "
-        f"({device()})",
+        f"One layer, forward+backward, batch {args.batch}, width {args.heads * args.key_dim}, "
+        f"{compilation} ({device()})",
         lower_bounds=mib(over_cap),
+        ranges={name: {t: (least[name][t], most[name][t]) for t in least[name]} for name in least},
     )
 
 

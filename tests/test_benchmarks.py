@@ -71,14 +71,24 @@ def test_scan_benchmark_smoke(tmp_path):
 def test_memory_benchmark_smoke(tmp_path):
     from benchmarks import memory
 
-    status = memory.main(
-        ["--lengths", "8", "--batch", "2", "--only", "aaren", "--output-dir", str(tmp_path)]
-    )
+    args = ["--lengths", "8", "16", "--batch", "2", "--only", "aaren", "--processes", "2"]
+    status = memory.main([*args, "--output-dir", str(tmp_path)])
     assert status == 0
     record = json.loads((tmp_path / "memory.json").read_text())
-    assert record["peak_bytes"]["aaren"]["8"] >= 0
+    for steps in ("8", "16"):
+        children = record["children"]["aaren"][steps]
+        assert len(children) == 2
+        every = [peak for child in children for peak in child["peaks"]]
+        least, most = (
+            record["least_peak_bytes"]["aaren"][steps],
+            record["most_peak_bytes"]["aaren"][steps],
+        )
+        assert (least, most) == (min(every), max(every))
+        assert 0 <= least <= record["peak_bytes"]["aaren"][steps] <= most
     if keras.backend.backend() == "tensorflow":
         assert record["protocol"]["memory"] == ["allocator"]
+        assert record["protocol"]["compilation"] == "tf.function"
+        assert len(children[0]["peaks"]) == memory.TF_STEPS
         assert record["resident_peak_bytes"]["aaren"]["8"] >= 0
     else:
         assert record["protocol"]["memory"] == ["resident"]
@@ -89,6 +99,36 @@ def test_memory_benchmark_smoke(tmp_path):
     else:
         assert planned == {}
     assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="--xla compiles TF's step")
+def test_memory_benchmark_smoke_under_xla(tmp_path):
+    from benchmarks import memory
+
+    args = ["--lengths", "8", "--batch", "2", "--only", "aaren", "--processes", "1", "--xla"]
+    assert memory.main([*args, "--output-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "memory.json").read_text())
+    assert record["protocol"]["compilation"] == "XLA"
+    assert record["peak_bytes"]["aaren"]["8"] >= 0
+
+
+@pytest.mark.parametrize("module", ["layers", "memory"])
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="--xla is refused on JAX only")
+def test_benchmarks_refuse_xla_on_jax(module, capsys):
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--xla", "--lengths", "8"])
+    assert exit_info.value.code == 2
+    assert "Received: --xla with KERAS_BACKEND=jax" in capsys.readouterr().err
+
+
+def test_growth_per_doubling_pairs_each_length_with_its_double():
+    from benchmarks import memory
+
+    assert memory.growth_per_doubling({1024: 10.0, 2048: 21.0, 4096: 40.0, 3000: 1.0}) == 2.1
+    assert memory.growth_per_doubling({1024: 10.0, 4096: 40.0}) is None
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's allocator")
@@ -173,6 +213,7 @@ MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associ
         ("layers", ["--max-length", "lstm"], "Received: 'lstm'"),
         ("layers", ["--only", "mha"], "argument --only: invalid choice: 'mha'"),
         ("memory", ["--cap-gib", "0"], "--cap-gib must be positive. Received: 0.0"),
+        ("memory", ["--processes", "0"], "--processes must be at least 1. Received: 0"),
         ("streaming", ["--window", "0"], "--window must be at least 1. Received: 0"),
         ("streaming", ["--rounds", "0"], "--rounds must be at least 1. Received: 0"),
         ("streaming", ["--tokens", "16"], "--tokens must be more than 16. Received: 16"),
@@ -184,6 +225,7 @@ MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associ
         "layers-max-length-no-T",
         "layers-only-unknown",
         "memory-cap-0",
+        "memory-processes-0",
         "streaming-window-0",
         "streaming-rounds-0",
         "streaming-tokens-16",
@@ -197,11 +239,3 @@ def test_benchmark_arguments_are_checked(module, args, message, capsys):
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
-
-
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="--xla is refused on JAX only")
-def test_layers_benchmark_refuses_xla_on_jax(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        layers.main(["--xla", "--lengths", "8"])
-    assert exit_info.value.code == 2
-    assert "Received: --xla with KERAS_BACKEND=jax" in capsys.readouterr().err
