@@ -44,6 +44,7 @@ so every measured child reports its first call's growth too, for comparison. Res
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,8 @@ from benchmarks.layers import (
 )
 
 CONTENDERS = ("aaren", "tfp_style", "mha_causal", "lstm")
+# The line of a traceback that names the exception: "module.SomeError: message".
+EXCEPTION_LINE = re.compile(r"\s*[\w.]+(Error|Exception): ")
 # Steps whose TensorFlow allocator peaks a child reports the median of.
 TF_STEPS = 5
 
@@ -174,8 +177,8 @@ def run_child(command, env, cap):
     """Run one measuring child; stop it once it grows `cap` bytes past its `start` line.
 
     Returns `("measured", record)` with the dict of `measure`, `("over_cap", cap)` if the child
-    had to be stopped, or `("failed", message)` with the last line it wrote to stderr (an allocation
-    refused outright, for instance).
+    had to be stopped, or `("failed", message)` with the last exception line it wrote to stderr,
+    or its last line if none names one (an allocation refused outright, for instance).
     """
     with tempfile.TemporaryFile("w+") as errors:
         child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
@@ -195,8 +198,9 @@ def run_child(command, env, cap):
         if child.returncode != 0 or limit is None:
             errors.seek(0)
             lines = errors.read().strip().splitlines() or [f"exit status {child.returncode}"]
-            # Keras appends the call's arguments after the error itself.
-            named = [line for line in lines if "Error" in line or "error" in line]
+            # Keras appends the call's arguments after the error itself, and traceback lines
+            # name functions such as `error_handler`: keep the lines that raise an exception.
+            named = [line for line in lines if EXCEPTION_LINE.match(line)]
             return "failed", (named or lines)[-1]
     return "measured", json.loads(output.strip().splitlines()[-1])
 

@@ -131,6 +131,25 @@ def test_growth_per_doubling_pairs_each_length_with_its_double():
     assert memory.growth_per_doubling({1024: 10.0, 4096: 40.0}) is None
 
 
+def test_a_failed_child_reports_its_exception_not_a_traceback_line():
+    import os
+    import sys
+
+    from benchmarks import memory
+
+    # What a child that Keras' traceback filter wraps writes: the exception, then more frames,
+    # one of them in Keras' `error_handler`.
+    stderr = [
+        "Traceback (most recent call last):",
+        "ValueError: the step does not compile",
+        '  File "traceback_utils.py", line 156, in error_handler',
+    ]
+    message = "\n".join(stderr)
+    script = f"import sys\nprint('start 0', flush=True)\nsys.exit({message!r})"
+    outcome, message = memory.run_child([sys.executable, "-c", script], dict(os.environ), 2**30)
+    assert (outcome, message) == ("failed", "ValueError: the step does not compile")
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's allocator")
 def test_tensorflow_peak_counts_freed_temporaries():
     import tensorflow as tf
