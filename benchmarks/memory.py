@@ -4,17 +4,23 @@ Run (the defaults are the issue's protocol: batch 8, width 64, 4 heads of 16, fl
 
     python -m benchmarks.memory                                  # T = 1024 ... 16384
     python -m benchmarks.memory --lengths 1024 2048 --only aaren lstm
+    python -m benchmarks.memory --xla --only aaren tfp_style mha_causal   # the whole step in XLA
     KERAS_BACKEND=jax python -m benchmarks.memory     # on a GPU: the device's allocator
 
-Each (contender, length) runs in a fresh process: it builds the layer and the input, runs the
-compiled training step of `benchmarks.layers` once (tracing and compiling it), then runs it
-again and reports the working memory of one step, without the compiler's.
+Each (contender, length) runs in `--processes` (3) fresh processes: each builds the layer and the
+input, runs the compiled training step of `benchmarks.layers` once (tracing and compiling it),
+then runs it again and reports the working memory of one step, without the compiler's. The
+figure is the median over the processes, reported with the least and the most of any step:
+under a plain `tf.function`, the order in which TensorFlow's executor runs independent ops
+decides how many large buffers are live at once, and it differs from process to process (Aaren
+at T = 16384: 258.3 or 322.3 MiB). `--xla` compiles the whole step with XLA, whose buffer plan
+is the same in every process.
 
 On TensorFlow that is the peak of the bytes its CPU allocator has in use during a call, above
 those in use before it (`tf.config.experimental.get_memory_info`, reset before the call): every
 tensor the step allocates, the temporaries of its XLA kernels included (buffers of a few KiB may
-not show: a (2, 8, 64) step's came to 0). The figure is the median over the second to the sixth
-call, since the peak depends on the order in which the executor's threads run the ops. The peak
+not show: a (2, 8, 64) step's came to 0). A process's figure is the median over its second to
+sixth calls; within a process the executor mostly repeats its order, but not always. The peak
 resident memory over the second call, above what the process held just before it (the kernel's
 peak-resident counter, reset with `/proc/self/clear_refs`), is reported beside it. That was the
 measure before session 12, and it depends on the host: it follows what is live only where
