@@ -13,7 +13,7 @@ then runs it again and reports the working memory of one step, without the compi
 figure is the median over the processes, reported with the least and the most of any step:
 under a plain `tf.function`, the order in which TensorFlow's executor runs independent ops
 decides how many large buffers are live at once, and it differs from process to process (Aaren
-at T = 16384: 258.3 or 322.3 MiB). `--xla` compiles the whole step with XLA, whose buffer plan
+at T = 16384: 258.3 to 352.3 MiB). `--xla` compiles the whole step with XLA, whose buffer plan
 is the same in every process.
 
 On TensorFlow that is the peak of the bytes its CPU allocator has in use during a call, above
@@ -165,7 +165,7 @@ def measure(name, steps, batch, heads, key_dim, xla=False):
         peaks = [tensorflow_peak(run)]
         resident = status_bytes("VmHWM") - before
         # The peak depends on the order in which the executor's threads run the step's ops: at
-        # T = 16384 Aaren's was 258 or 322 MiB, mostly the same from step to step of a process.
+        # T = 16384 Aaren's was 258.3 to 352.3 MiB, mostly the same from step to step of a process.
         peaks += [tensorflow_peak(run) for _ in range(TF_STEPS - 1)]
         return record | {
             "memory": "allocator",
