@@ -183,6 +183,16 @@ def _check_correctness():
     return ok, float(max(np.abs(parallel - stepped).max(), np.abs(parallel - oracle).max()))
 
 
+def refuse_xla_off_tensorflow(parser, xla):
+    """Stop with a usage error when `--xla` is asked for on a backend other than TensorFlow."""
+    backend = keras.backend.backend()
+    if xla and backend != "tensorflow":
+        parser.error(
+            "--xla compiles TensorFlow's step with XLA; on JAX every step is jax.jit-compiled. "
+            f"Received: --xla with KERAS_BACKEND={backend}"
+        )
+
+
 def train_step_on(make_layer, batch, steps, width, xla=False):
     """A layer, its input, and the compiled step: output, sum-of-squares loss, gradients.
 
@@ -290,11 +300,7 @@ def main(argv=None):
     backend = keras.backend.backend()
     if backend not in BACKENDS:
         sys.exit(f"benchmarks.layers measures {' or '.join(BACKENDS)}. Received: {backend}")
-    if args.xla and backend != "tensorflow":
-        parser.error(
-            "--xla compiles TensorFlow's step with XLA; on JAX every step is jax.jit-compiled. "
-            f"Received: --xla with KERAS_BACKEND={backend}"
-        )
+    refuse_xla_off_tensorflow(parser, args.xla)
 
     ok, error = check_correctness()
     if not ok:

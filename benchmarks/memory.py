@@ -65,6 +65,7 @@ from benchmarks.layers import (
     device,
     machine,
     plot_against_length,
+    refuse_xla_off_tensorflow,
     train_step_on,
 )
 
@@ -239,11 +240,7 @@ def main(argv=None):
         parser.error(f"--cap-gib must be positive. Received: {args.cap_gib}")
     if args.processes < 1:
         parser.error(f"--processes must be at least 1. Received: {args.processes}")
-    if args.xla and keras.backend.backend() != "tensorflow":
-        parser.error(
-            "--xla compiles TensorFlow's step with XLA; on JAX every step is jax.jit-compiled. "
-            f"Received: --xla with KERAS_BACKEND={keras.backend.backend()}"
-        )
+    refuse_xla_off_tensorflow(parser, args.xla)
     if keras.backend.backend() == "jax":
         # JAX takes 75% of a GPU's memory the first time it uses it. This process only checks
         # correctness; the device is for the measuring children.
