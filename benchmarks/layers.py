@@ -26,12 +26,22 @@ Contenders:
 * `rnn_cell`: `keras.layers.RNN(AarenCell)`, stepping the same weights token by token;
 * `lstm`: `keras.layers.LSTM(64, return_sequences=True)`.
 
+Two references run only when `--only` names them. Each is Aaren's own projections around a
+cheaper prefix, to show how much of Aaren's step is its scan:
+
+* `cumsum_prefix`: the softmax prefix as two `keras.ops.cumsum`, without the running max (exact
+  only for scores below about 88, which the benchmark's weights give);
+* `projections_only`: no prefix, each value times its own score: what the step costs around any
+  scan.
+
 Stepping and causal attention stop at `MAX_LENGTH` (4096) unless `--max-length NAME=T` says
 otherwise, as on a GPU with room for causal attention's scores at 8192.
 
 It refuses to report (exit status 1) if `Aaren` does not match stepping its cell and the naive
 softmax oracle on a small case first. Results go to `<output-dir>/layers.json` and
 `<output-dir>/layers.png`.
+
+Shape letters used in this module: B batch, T timesteps, H heads, D value dimension.
 """
 
 import argparse
@@ -59,29 +69,63 @@ MAX_LENGTH = {"rnn_cell": 4096, "mha_causal": 4096}
 BACKENDS = ("tensorflow", "jax")
 
 
-class TFPStyleAaren(keras.layers.Layer):
-    """The baseline: Aaren's prefix scan as one associative scan over concatenated [m, u, w]."""
+def tfp_style_prefix(scores, values):
+    """The approach of the earlier public Keras implementation: one associative scan over the
+    concatenated `[m, u, w]` tensor, with no chunking.
 
-    def __init__(self, num_heads, key_dim, **kwargs):
+    `(B, T, H)` scores and `(B, T, H, D)` values -> `(B, T, H, D)` attended values.
+    """
+    leaves = ops.concatenate([scores[..., None], ops.ones_like(scores)[..., None], values], -1)
+
+    def combine(a, b):
+        m = ops.maximum(a[..., :1], b[..., :1])
+        scale_a, scale_b = ops.exp(a[..., :1] - m), ops.exp(b[..., :1] - m)
+        return ops.concatenate([m, a[..., 1:] * scale_a + b[..., 1:] * scale_b], -1)
+
+    prefix = ops.associative_scan(combine, leaves, axis=1)
+    # keras.ops.associative_scan on TensorFlow loses the rank; give the leaves' shape back.
+    prefix = ops.reshape(prefix, ops.shape(leaves))
+    return prefix[..., 2:] / prefix[..., 1:2]
+
+
+def cumsum_prefix(scores, values):
+    """Every prefix's softmax mean as two plain cumulative sums, with no running max.
+
+    Exact only while every $e^{s}$ fits in float32 (scores below about 88): not a usable layer,
+    but the prefix built on the backend's own cumulative-sum op, to set Aaren's scan beside.
+    """
+    weights = ops.exp(scores)  # (B, T, H)
+    total = ops.cumsum(weights, axis=1)[..., None]
+    return ops.cumsum(weights[..., None] * values, axis=1) / total
+
+
+def no_prefix(scores, values):
+    """No prefix at all: each token's value times its own score. Every scan reads the scores and
+    the values and writes one output per value, so this is what the layer costs around its scan.
+    """
+    return values * scores[..., None]
+
+
+class ProjectedPrefix(keras.layers.Layer):
+    """Aaren's projections (an `AarenCell`'s weights) around another prefix over the tokens.
+
+    `prefix` maps scores `(B, T, H)` and values `(B, T, H, D)` to the attended values
+    `(B, T, H, D)`, as `aaren_scan` does in `Aaren`.
+    """
+
+    def __init__(self, num_heads, key_dim, prefix, **kwargs):
         super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.prefix = prefix
         self.cell = AarenCell(num_heads, key_dim)
 
     def build(self, input_shape):
         self.cell.build((input_shape[0], input_shape[-1]))
 
     def call(self, x):
-        heads, dim = self.cell.num_heads, self.cell.value_dim
         scores, values = self.cell.project(x)  # (B, T, H), (B, T, H, D)
-        leaves = ops.concatenate([scores[..., None], ops.ones_like(scores)[..., None], values], -1)
-
-        def combine(a, b):
-            m = ops.maximum(a[..., :1], b[..., :1])
-            scale_a, scale_b = ops.exp(a[..., :1] - m), ops.exp(b[..., :1] - m)
-            return ops.concatenate([m, a[..., 1:] * scale_a + b[..., 1:] * scale_b], -1)
-
-        prefix = ops.associative_scan(combine, leaves, axis=1)
-        attended = prefix[..., 2:] / prefix[..., 1:2]
-        return self.cell.output_projection(ops.reshape(attended, (-1, x.shape[1], heads, dim)))
+        return self.cell.output_projection(self.prefix(scores, values))
 
 
 class CausalSelfAttention(keras.layers.Layer):
@@ -102,14 +146,19 @@ def contenders(heads, key_dim, width):
         "aaren_associative": lambda: Aaren(
             heads, key_dim, return_sequences=True, method="associative"
         ),
-        "tfp_style": lambda: TFPStyleAaren(heads, key_dim),
+        "tfp_style": lambda: ProjectedPrefix(heads, key_dim, tfp_style_prefix),
         "mha_causal": lambda: CausalSelfAttention(heads, key_dim),
         "rnn_cell": lambda: keras.layers.RNN(AarenCell(heads, key_dim), return_sequences=True),
         "lstm": lambda: keras.layers.LSTM(width, return_sequences=True),
+        "cumsum_prefix": lambda: ProjectedPrefix(heads, key_dim, cumsum_prefix),
+        "projections_only": lambda: ProjectedPrefix(heads, key_dim, no_prefix),
     }
 
 
 CONTENDERS = tuple(contenders(1, 1, 1))
+# References, run only when `--only` names them: not layers a user would pick, but Aaren's own
+# projections around the cheapest prefixes, to show where Aaren's time goes.
+REFERENCES = ("cumsum_prefix", "projections_only")
 
 
 # The environment variables that choose how host memory is allocated. They move Aaren's figures
@@ -308,8 +357,8 @@ def main(argv=None):
         return 1
     width = args.heads * args.key_dim
     chosen = contenders(args.heads, args.key_dim, width)
-    if args.only:
-        chosen = {name: chosen[name] for name in args.only}
+    names = args.only or [name for name in CONTENDERS if name not in REFERENCES]
+    chosen = {name: chosen[name] for name in names}
     results = {name: {} for name in chosen}
     samples = {name: {} for name in chosen}
     faults = {name: {} for name in chosen}
@@ -394,6 +443,11 @@ def plot(results, path, args):
     )
 
 
+def colour(name):
+    """The contender's colour, the same in every plot whichever contenders it shows."""
+    return f"C{CONTENDERS.index(name) % 10}"
+
+
 def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=None):
     """`{contender: {T: value}}` as one log-log line per contender, saved to `path`.
 
@@ -413,7 +467,9 @@ def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=
         if not row and not bounds:
             continue
         lengths = sorted(row)
-        (line,) = ax.plot(lengths, [row[t] for t in lengths], marker="o", label=name)
+        (line,) = ax.plot(
+            lengths, [row[t] for t in lengths], marker="o", label=name, color=colour(name)
+        )
         spans = (ranges or {}).get(name, {})
         if spans:
             points = sorted(spans)

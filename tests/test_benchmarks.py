@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks import layers
+from keras_aaren.ops import aaren_attention_naive
 
 measured_backend = pytest.mark.skipif(
     keras.backend.backend() not in layers.BACKENDS,
@@ -46,6 +47,36 @@ def test_layers_benchmark_smoke(tmp_path):
     assert "TF_CPU_ALLOCATOR_USE_BFC" in record["machine"]["allocator"]
     assert record["protocol"]["oracle_max_error"] < 1e-4
     assert (tmp_path / "layers.png").stat().st_size > 0
+
+
+@measured_backend
+def test_layers_benchmark_runs_its_references_only_when_named(tmp_path):
+    args = ["--lengths", "8", "--repeats", "1", "--batch", "2", "--heads", "2", "--key-dim", "4"]
+    only = ["--only", "aaren", *layers.REFERENCES]
+    assert layers.main([*args, *only, "--output-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "layers.json").read_text())
+    assert set(record["median_ms"]) == {"aaren", *layers.REFERENCES}
+    defaults = layers.main([*args, "--output-dir", str(tmp_path)])
+    assert defaults == 0
+    record = json.loads((tmp_path / "layers.json").read_text())
+    assert set(record["median_ms"]) == set(layers.CONTENDERS) - set(layers.REFERENCES)
+
+
+@pytest.mark.parametrize(
+    "prefix", [layers.tfp_style_prefix, layers.cumsum_prefix], ids=["tfp_style", "cumsum"]
+)
+def test_reference_prefixes_match_the_oracle(prefix):
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(2, 37, 3)) * 4.0
+    values = rng.normal(size=(2, 37, 3, 5))
+    expected, _ = aaren_attention_naive(scores, values)
+    got = prefix(*(keras.ops.convert_to_tensor(x.astype("float32")) for x in (scores, values)))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(got), expected, atol=1e-5)
+
+
+def test_every_contender_has_its_own_colour():
+    colours = [layers.colour(name) for name in layers.CONTENDERS]
+    assert len(set(colours)) == len(colours)
 
 
 @measured_backend
