@@ -179,11 +179,24 @@ def device():
         first = jax.devices()[0]
         if first.platform != "cpu":
             return f"{first.platform}: {first.device_kind}"
-        return f"cpu: {platform.processor()}"
+        return f"cpu: {cpu_name()}"
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    return f"gpu: {gpus[0].name}" if gpus else f"cpu: {platform.processor()}"
+    return f"gpu: {gpus[0].name}" if gpus else f"cpu: {cpu_name()}"
+
+
+def cpu_name():
+    """The CPU's model name from `/proc/cpuinfo` (Linux), else what `platform` knows of it:
+    `platform.processor()` is empty on many Linux hosts."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine():
