@@ -74,6 +74,11 @@ def test_reference_prefixes_match_the_oracle(prefix):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(got), expected, atol=1e-5)
 
 
+def test_the_device_names_the_processor():
+    kind, _, name = layers.device().partition(": ")
+    assert kind in {"cpu", "gpu"} and name.strip()
+
+
 def test_every_contender_has_its_own_colour():
     colours = [layers.colour(name) for name in layers.CONTENDERS]
     assert len(set(colours)) == len(colours)
