@@ -74,6 +74,7 @@ def test_reference_prefixes_match_the_oracle(prefix):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(got), expected, atol=1e-5)
 
 
+@measured_backend
 def test_the_device_names_the_processor():
     kind, _, name = layers.device().partition(": ")
     assert kind in {"cpu", "gpu"} and name.strip()
