@@ -61,6 +61,7 @@ import keras
 
 from benchmarks.layers import (
     check_correctness,
+    compile_mode,
     contenders,
     device,
     machine,
@@ -313,7 +314,7 @@ def main(argv=None):
 
     print(
         f"\npeak working memory of one forward+backward step (MiB, {', '.join(sorted(kinds))}, "
-        f"{'XLA' if args.xla else 'tf.function'}): the median over {args.processes} processes "
+        f"{compile_mode(args)}): the median over {args.processes} processes "
         "[the least and the most of any step]"
     )
     for name in names:
@@ -335,7 +336,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     record = {
         "protocol": {k: v for k, v in vars(args).items() if k != "child"}
-        | {"memory": sorted(kinds), "compilation": "XLA" if args.xla else "tf.function"},
+        | {"memory": sorted(kinds), "compilation": compile_mode(args)},
         "machine": machine(),
         "oracle_max_error": error,
         "peak_bytes": results["peak"],
@@ -360,13 +361,12 @@ def plot(results, over_cap, args, path):
         return {name: {t: peak / 2**20 for t, peak in row.items()} for name, row in table.items()}
 
     least, most = mib(results["least"]), mib(results["most"])
-    compilation = "XLA" if args.xla else "tf.function"
     plot_against_length(
         mib(results["peak"]),
         path,
         "peak working memory, MiB",
         f"One layer, forward+backward, batch {args.batch}, width {args.heads * args.key_dim}, "
-        f"{compilation} ({device()})",
+        f"{compile_mode(args)} ({device()})",
         lower_bounds=mib(over_cap),
         ranges={name: {t: (least[name][t], most[name][t]) for t in least[name]} for name in least},
     )

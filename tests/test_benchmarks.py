@@ -129,6 +129,7 @@ def test_memory_benchmark_smoke(tmp_path):
         assert record["resident_peak_bytes"]["aaren"]["8"] >= 0
     else:
         assert record["protocol"]["memory"] == ["resident"]
+        assert record["protocol"]["compilation"] == "jax.jit"
     # XLA's buffer plan exists on JAX only; it holds at least the input's gradient.
     planned = record["planned_bytes"]["aaren"]
     if keras.backend.backend() == "jax":
