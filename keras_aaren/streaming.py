@@ -93,7 +93,7 @@ def reset_states(model):
     Raises:
         ValueError: if `model` is not a Keras layer or model.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> import keras
@@ -174,7 +174,7 @@ def to_streaming(model, batch_size):
         ValueError: if `batch_size` is not a positive integer, or the model has a layer that
             mixes timesteps non-causally, or not exactly one 3-D input.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> import keras
@@ -217,7 +217,7 @@ def get_states(model):
     Raises:
         ValueError: if `model` is not a Keras model or layer.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> import keras
@@ -249,7 +249,7 @@ def set_states(model, states):
         ValueError: if the layer paths differ from the model's (a state from another model), or
             an array's shape differs from the layer's state (e.g. another batch size).
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> import keras
@@ -300,7 +300,7 @@ def save_states(model, path):
     Returns:
         The path written.
 
-    Example:
+    Examples:
 
     >>> import os, tempfile
     >>> import numpy as np
@@ -335,7 +335,7 @@ def load_states(model, path):
     Raises:
         ValueError: if the file holds the state of another model or of another batch size.
 
-    Example:
+    Examples:
 
     >>> import os, tempfile
     >>> import numpy as np
@@ -422,7 +422,7 @@ def make_step_model(model, batch_size):
     Raises:
         ValueError: as `to_streaming`, or for nested models and multiple outputs.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> import keras
@@ -454,7 +454,7 @@ def initial_states(step_model):
     Returns:
         A list of zero numpy arrays, one per state input of `step_model`, in its order.
 
-    Example:
+    Examples:
 
     >>> import keras
     >>> from keras_aaren import Aaren
@@ -495,7 +495,7 @@ def make_step_function(model, batch_size, jit_compile=None):
     Raises:
         ValueError: as `make_step_model`; when called, if `x_t` or `states` has the wrong shape.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> import keras
@@ -610,7 +610,7 @@ def export_saved_model(model, path, batch_size):
     Raises:
         ValueError: as `make_step_model`, or on a backend other than TensorFlow.
 
-    Example:
+    Examples:
 
     >>> import tempfile
     >>> import numpy as np
@@ -656,7 +656,7 @@ def export_tflite(model, path, batch_size):
     Raises:
         ValueError: as `export_saved_model`.
 
-    Example:
+    Examples:
 
     >>> import os, tempfile
     >>> import numpy as np

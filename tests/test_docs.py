@@ -41,13 +41,13 @@ def test_public_docstring_has_every_section(name):
     doc = inspect.getdoc(obj) or ""
     # A function without parameters has nothing to list under Args (griffe refuses a made-up one).
     takes_arguments = inspect.isclass(obj) or bool(inspect.signature(obj).parameters)
-    sections = ["Args:"] * takes_arguments + ["Returns:", "Example:"]
+    sections = ["Args:"] * takes_arguments + ["Returns:", "Examples:"]
     if inspect.isclass(obj):
         sections.append("Call arguments:")
     missing = [section for section in sections if section not in doc]
     assert not missing, f"{name} lacks {missing}"
     # The example is a doctest (the test run executes it with --doctest-modules).
-    assert ">>> " in doc.split("Example:", 1)[1]
+    assert ">>> " in doc.split("Examples:", 1)[1]
 
 
 def test_api_page_lists_every_public_object():

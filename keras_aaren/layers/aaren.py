@@ -93,7 +93,7 @@ class AarenCell(keras.layers.Layer):
             integer, if the input is not of shape `(batch_size, features)` with known
             `features`, or if the input is not floating-point.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> import keras
@@ -396,7 +396,7 @@ class Aaren(ParallelRNN):
             unknown `method`, an input that is not `(batch_size, timesteps, features)` with known
             `features`, integer inputs, or a `mask` or `initial_state` whose shape does not match.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> import keras

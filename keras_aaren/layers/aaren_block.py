@@ -73,7 +73,7 @@ class AarenBlockCell(keras.layers.Layer):
         ValueError: if `num_heads`, `key_dim`, `value_dim` or `ffn_dim` is not a positive
             integer, `dropout` is not in [0, 1), or the input is not `(batch_size, width)`.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> import keras
@@ -304,7 +304,7 @@ class AarenBlock(ParallelRNN):
         ValueError: as `AarenBlockCell`, plus an unknown `method`, a non-float or wrongly shaped
             input, or a `mask` or `initial_state` of the wrong shape.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> import keras

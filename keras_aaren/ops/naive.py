@@ -32,7 +32,7 @@ def aaren_attention_naive(scores, values, initial_state=None, mask=None):
         `m` the largest score seen, `u = Σ exp(s_i - m)`, `w = Σ exp(s_i - m) v_i`; a row that saw
         nothing returns its initial state (zeros when none was given).
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> scores = np.array([[[0.0], [np.log(3.0)]]])  # (1, 2, 1): token 2 weighs 3x token 1

@@ -19,7 +19,7 @@ def full_precision_matmuls():
         A context manager: `jax.default_matmul_precision("highest")` on JAX, a null context on
         the other backends.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> from keras import ops

@@ -53,7 +53,7 @@ def identity_state(batch_size, num_heads, value_dim, dtype="float32"):
     Returns:
         A tuple `(m, u, w)` of shapes `(B, H)`, `(B, H)`, `(B, H, D)`.
 
-    Example:
+    Examples:
 
     >>> m, u, w = identity_state(batch_size=2, num_heads=4, value_dim=8)
     >>> tuple(m.shape), tuple(u.shape), tuple(w.shape)
@@ -87,7 +87,7 @@ def aaren_combine(state_a, state_b):
     Returns:
         The combined state `(m, u, w)`.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> a = (np.array([[0.0]]), np.array([[1.0]]), np.array([[[1.0]]]))  # one token, s=0, v=1
@@ -118,7 +118,7 @@ def readout(state):
     Returns:
         Tensor of shape `(..., H, D)`.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> state = (np.zeros((1, 2)), np.array([[4.0, 0.0]]), np.array([[[2.0], [7.0]]]))
@@ -148,7 +148,7 @@ def aaren_step(state, score, value):
         A tuple `(output, new_state)`: `output` of shape `(B, H, D)` in the dtype of `value`,
         `new_state` in the scan dtype (float32, or float64 for float64 inputs).
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> state = identity_state(batch_size=1, num_heads=1, value_dim=1)
@@ -576,7 +576,7 @@ def aaren_scan(
         ValueError: for a `method` that does not exist, a `chunk_size` below 2, or tensors
             whose ranks or shapes do not match.
 
-    Example:
+    Examples:
 
     >>> import numpy as np
     >>> scores = np.random.randn(2, 5, 3).astype("float32")
