@@ -17,7 +17,7 @@ from keras_aaren.layers.base import (
     check_token_shape,
 )
 from keras_aaren.ops import aaren_scan, aaren_step
-from keras_aaren.ops.scan import scan_dtype
+from keras_aaren.ops.recurrence import scan_dtype
 
 _INITIALIZERS = ("kernel_initializer", "bias_initializer", "query_initializer")
 _REGULARIZERS = ("kernel_regularizer", "bias_regularizer", "query_regularizer")

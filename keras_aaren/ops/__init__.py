@@ -1,15 +1,15 @@
-"""Aaren's math on `keras.ops`: no weights, no layers; every backend runs it."""
+"""Aaren's math on `keras.ops`: no weights, no layers; every backend runs it.
 
+One algorithm per module: `naive` (the O(T²) reference the tests compare against), `recurrence`
+(the state, ⊕, one step, the sequential scan), `associative` (the paper's parallel scan),
+`chunked` (the default scan and its closed-form gradient); `backend` holds what differs between
+TensorFlow, JAX and PyTorch, and `scan` validates and dispatches.
+"""
+
+from keras_aaren.ops.backend import full_precision_matmuls
 from keras_aaren.ops.naive import aaren_attention_naive
-from keras_aaren.ops.precision import full_precision_matmuls
-from keras_aaren.ops.scan import (
-    METHODS,
-    aaren_combine,
-    aaren_scan,
-    aaren_step,
-    identity_state,
-    readout,
-)
+from keras_aaren.ops.recurrence import aaren_combine, aaren_step, identity_state, readout
+from keras_aaren.ops.scan import METHODS, aaren_scan
 
 __all__ = [
     "METHODS",

@@ -1,7 +1,7 @@
 """The naive reference: Aaren as plain masked softmax attention, O(T²) memory.
 
 It forms the whole (query position × key position) score matrix, masks it, and takes a softmax,
-exactly as one writes causal attention by hand. It shares no code with the scans in `scan.py` and
+exactly as one writes causal attention by hand. It shares no code with the scans and
 is the oracle the tests compare every method against.
 
 Shape letters: B batch, T (and K, I) timesteps, H heads, D value dimension.
@@ -10,7 +10,7 @@ Shape letters: B batch, T (and K, I) timesteps, H heads, D value dimension.
 import numpy as np
 from keras import backend, ops
 
-from keras_aaren.ops.precision import full_precision_matmuls
+from keras_aaren.ops.backend import full_precision_matmuls
 
 
 def aaren_attention_naive(scores, values, initial_state=None, mask=None):

@@ -1,0 +1,207 @@
+"""Aaren as a recurrence: the state, the ⊕ operator, one step, the readout, the sequential scan.
+
+Aaren (Feng et al., "Attention as an RNN", arXiv 2405.13956) attends with one learned query per
+head, so its output at token k is a softmax-weighted mean of the values seen so far:
+
+$$o_k = \\frac{\\sum_{i \\le k} e^{s_i} v_i}{\\sum_{i \\le k} e^{s_i}}$$
+
+The state after a prefix is the triple $(m, u, w)$: the running maximum $m$ of the scores, the
+sum $u = \\sum e^{s_i - m}$ and the weighted sum $w = \\sum e^{s_i - m} v_i$, and $o = w / u$.
+A state with $u = 0$ has seen nothing; that includes the all-zero state that
+`keras.layers.RNN.reset_state()` writes. Every function here treats it as the identity, and
+reads it out as the output 0.
+
+Shape letters: B batch, T timesteps, H heads, D value dimension.
+"""
+
+import numpy as np
+from keras import backend, ops
+
+
+def scan_dtype(dtype):
+    """The dtype the scan runs in: float64 stays float64, everything else runs in float32."""
+    return "float64" if backend.standardize_dtype(dtype) == "float64" else "float32"
+
+
+def lowest(dtype):
+    """The identity's running max: a finite "minus infinity", because -inf - (-inf) is NaN."""
+    return float(np.finfo(backend.standardize_dtype(dtype)).min)
+
+
+def identity_state(batch_size, num_heads, value_dim, dtype="float32"):
+    """The state of "nothing seen yet": `(m, u, w)` = (dtype minimum, 0, 0).
+
+    Args:
+        batch_size: int, the batch size B.
+        num_heads: int, the number of heads H.
+        value_dim: int, the value dimension D.
+        dtype: the float dtype of the state.
+
+    Returns:
+        A tuple `(m, u, w)` of shapes `(B, H)`, `(B, H)`, `(B, H, D)`.
+
+    Examples:
+
+    >>> m, u, w = identity_state(batch_size=2, num_heads=4, value_dim=8)
+    >>> tuple(m.shape), tuple(u.shape), tuple(w.shape)
+    ((2, 4), (2, 4), (2, 4, 8))
+    """
+    m = ops.full((batch_size, num_heads), lowest(dtype), dtype=dtype)
+    u = ops.zeros((batch_size, num_heads), dtype=dtype)
+    w = ops.zeros((batch_size, num_heads, value_dim), dtype=dtype)
+    return m, u, w
+
+
+def empty_as_identity(m, u):
+    """`m` where the state has seen a token, the identity's running max where it has not.
+
+    An empty state (u == 0) may carry any m (the all-zero state carries 0); replacing it keeps it
+    from winning the running max and scaling a real token's weight to zero.
+    """
+    return ops.where(u > 0, m, lowest(m.dtype))
+
+
+def aaren_combine(state_a, state_b):
+    """The associative operator ⊕ of the paper: the state of prefix A followed by segment B.
+
+    $$(m_A, u_A, w_A) \\oplus (m_B, u_B, w_B) = (m,\\; u_A e^{m_A - m} + u_B e^{m_B - m},\\;
+    w_A e^{m_A - m} + w_B e^{m_B - m}), \\qquad m = \\max(m_A, m_B)$$
+
+    Empty states (`u == 0`, whatever their `m`) act as the identity. The running max carries no
+    gradient: the readout `w / u` does not depend on it.
+
+    Args:
+        state_a: tuple `(m, u, w)` with shapes `(..., H)`, `(..., H)`, `(..., H, D)`.
+        state_b: tuple of the same structure, broadcastable against `state_a`.
+
+    Returns:
+        The combined state `(m, u, w)`.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> a = (np.array([[0.0]]), np.array([[1.0]]), np.array([[[1.0]]]))  # one token, s=0, v=1
+    >>> b = (np.array([[2.0]]), np.array([[1.0]]), np.array([[[3.0]]]))  # one token, s=2, v=3
+    >>> m, u, w = aaren_combine(a, b)
+    >>> float(np.asarray(m)[0, 0]), round(float(np.asarray(u)[0, 0]), 4)  # 2, 1 + e^-2
+    (2.0, 1.1353)
+    """
+    # NumPy inputs become tensors first: PyTorch cannot multiply an ndarray by a tensor.
+    m_a, u_a, w_a = (ops.convert_to_tensor(x) for x in state_a)
+    m_b, u_b, w_b = (ops.convert_to_tensor(x) for x in state_b)
+    m_a = empty_as_identity(m_a, u_a)
+    m_b = empty_as_identity(m_b, u_b)
+    m = ops.stop_gradient(ops.maximum(m_a, m_b))
+    scale_a = ops.exp(m_a - m)
+    scale_b = ops.exp(m_b - m)
+    u = u_a * scale_a + u_b * scale_b
+    w = w_a * scale_a[..., None] + w_b * scale_b[..., None]
+    return m, u, w
+
+
+def readout(state):
+    """The output `w / u` of a state, and 0 for a state that has seen nothing.
+
+    Args:
+        state: tuple `(m, u, w)` with shapes `(..., H)`, `(..., H)`, `(..., H, D)`.
+
+    Returns:
+        Tensor of shape `(..., H, D)`.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> state = (np.zeros((1, 2)), np.array([[4.0, 0.0]]), np.array([[[2.0], [7.0]]]))
+    >>> np.asarray(readout(state)).ravel().tolist()  # w / u, and 0 where nothing was seen
+    [0.5, 0.0]
+    """
+    _, u, w = state
+    seen = (u > 0)[..., None]
+    # Divide by 1 where u == 0, so that neither the value nor its gradient is NaN there.
+    safe_u = ops.where(u > 0, u, ops.ones_like(u))[..., None]
+    return ops.where(seen, w / safe_u, ops.zeros_like(w))
+
+
+def aaren_step(state, score, value):
+    """One token of the Aaren recurrence, the RNN view of the paper.
+
+    $$m' = \\max(m, s), \\quad u' = u\\,e^{m - m'} + e^{s - m'}, \\quad
+    w' = w\\,e^{m - m'} + v\\,e^{s - m'}, \\quad o = w' / u'$$
+
+    Args:
+        state: tuple `(m, u, w)` of shapes `(B, H)`, `(B, H)`, `(B, H, D)`; `u == 0` means
+            nothing seen (the all-zero state included).
+        score: tensor of shape `(B, H)`, the token's score $s = q \\cdot k / \\sqrt{d_k}$.
+        value: tensor of shape `(B, H, D)`, the token's value $v$.
+
+    Returns:
+        A tuple `(output, new_state)`: `output` of shape `(B, H, D)` in the dtype of `value`,
+        `new_state` in the scan dtype (float32, or float64 for float64 inputs).
+
+    Examples:
+
+    >>> import numpy as np
+    >>> state = identity_state(batch_size=1, num_heads=1, value_dim=1)
+    >>> for score, value in [(0.0, 1.0), (np.log(3.0), 5.0)]:
+    ...     output, state = aaren_step(state, np.array([[score]]), np.array([[[value]]]))
+    >>> round(float(np.asarray(output)[0, 0, 0]), 4)  # (1 + 3 * 5) / (1 + 3)
+    4.0
+    """
+    value = ops.convert_to_tensor(value)
+    out_dtype = value.dtype
+    dtype = scan_dtype(value.dtype)
+    m, u, w = (ops.cast(t, dtype) for t in state)
+    score = ops.cast(score, dtype)
+    value = ops.cast(value, dtype)
+    m = empty_as_identity(m, u)
+    m_new = ops.stop_gradient(ops.maximum(m, score))
+    scale_old = ops.exp(m - m_new)
+    scale_new = ops.exp(score - m_new)
+    u_new = u * scale_old + scale_new
+    w_new = w * scale_old[..., None] + value * scale_new[..., None]
+    output = w_new / u_new[..., None]
+    return ops.cast(output, out_dtype), (m_new, u_new, w_new)
+
+
+def token_leaves(scores, values, mask):
+    """The scan's leaves: `(s, 1, v)` for a real token, the identity `(min, 0, 0)` for a masked one.
+
+    scores: (B, T, H); values: (B, T, H, D); mask: (B, T) bool or None.
+    """
+    if mask is None:
+        return scores, ops.ones_like(scores), values
+    keep = mask[:, :, None]
+    m = ops.where(keep, scores, lowest(scores.dtype))
+    u = ops.cast(keep, scores.dtype) * ops.ones_like(scores)
+    w = ops.where(keep[..., None], values, ops.zeros_like(values))
+    return m, u, w
+
+
+def scan_sequential(scores, values, state, mask):
+    """The recurrence run one token at a time with `keras.ops.scan`: `aaren_step` in a loop.
+
+    Masked tokens leave the state as it was. scores: (B, T, H); values: (B, T, H, D); state:
+    `(m, u, w)` in the scan dtype. Returns the outputs `(B, T, H, D)` and the final state.
+    """
+    if mask is None:
+        mask = ops.ones(ops.shape(scores)[:2], dtype="bool")
+
+    def step(carry, xs):
+        score, value, keep = xs
+        _, new = aaren_step(carry, score, value)
+        carry = tuple(
+            ops.where(ops.reshape(keep, (-1,) + (1,) * (len(c.shape) - 1)), n, c)
+            for n, c in zip(new, carry)
+        )
+        # keras.ops.scan on TensorFlow wants the per-step output shaped like the carry, so emit
+        # the state and read all of them out after the loop.
+        return carry, carry
+
+    xs = (
+        ops.moveaxis(scores, 1, 0),
+        ops.moveaxis(values, 1, 0),
+        ops.moveaxis(mask, 1, 0),
+    )
+    final, states = ops.scan(step, state, xs)
+    outputs = readout(states)  # (T, B, H, D)
+    return ops.moveaxis(outputs, 0, 1), final
