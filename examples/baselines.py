@@ -11,10 +11,11 @@
 
 Each starts with a `Dense` projection to the model width, so all three see the same features.
 Both attention models then add the same sinusoidal position encoding: attention scores tokens by
-content, and without positions neither can tell "12 months ago" from "yesterday" (Aaren trailed
-the Transformer by 2x on elnino forecasting without them). To serve such a model token by token,
-add the encoding of the token's index to each new input, a counter kept beside the layer states;
-the streaming examples (`quickstart.py`, `streaming_co2.py`) build models without positions.
+content, and without positions neither can tell "12 months ago" from "yesterday" (without them
+Aaren's elnino forecasting error is twice the Transformer's: docs/results.md). To serve such a
+model token by token, add the encoding of the token's index to each new input, a counter kept
+beside the layer states; the streaming examples (`quickstart.py`, `streaming_co2.py`) build
+models without positions.
 Padded timesteps are marked with `PAD` in the inputs; a `keras.layers.Masking` layer turns them
 into a Keras mask that every layer here honours.
 

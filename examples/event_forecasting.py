@@ -12,7 +12,7 @@ ICLR 2020), trained by maximum likelihood.
 
 Run:
 
-    python examples/event_forecasting.py             # 3 seeds (~15 min on 2 CPUs)
+    python examples/event_forecasting.py             # 3 seeds, 40 epochs
     python examples/event_forecasting.py --quick     # small data, one seed, one epoch
 
 Reported per model: test log-likelihood per event (time and type; higher is better), the same

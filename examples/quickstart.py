@@ -7,7 +7,7 @@ and show that the streaming predictions equal the parallel ones.
 
 Run:
 
-    python examples/quickstart.py            # full run, under 2 minutes on 2 CPU cores
+    python examples/quickstart.py            # full run, 60 epochs, every timestep streamed
     python examples/quickstart.py --quick    # a few epochs, 25 timesteps streamed: the test suite
 
 BasicMotions (4 activities, 6 accelerometer/gyroscope channels, 100 timesteps) ships inside the
@@ -121,8 +121,8 @@ def main(argv=None):
     keras_aaren.reset_states(streaming)
     steps = x_test.shape[1]
     if args.quick:
-        # On JAX each eager call of keras.layers.RNN compiles its loop again (72 s for the 100
-        # timesteps of this two-layer model), so the smoke run streams a prefix.
+        # On JAX each eager call of keras.layers.RNN compiles its loop again, so streaming all
+        # 100 timesteps is mostly compilation; the smoke run streams a prefix.
         steps = min(steps, 25)
     # Calling the model, rather than predict_on_batch, continues the stream on every backend:
     # JAX's compiled predict drops the states of keras.layers.RNN (see docs/backends.md).

@@ -8,7 +8,7 @@ each new reading updates the forecast of the next one, in constant time and memo
 
 Run:
 
-    python examples/streaming_co2.py            # full run, about a minute on 2 CPU cores
+    python examples/streaming_co2.py            # full run, 40 epochs
     python examples/streaming_co2.py --quick    # a smoke run, for the test suite
 
 Outputs: the test-set error of the streamed forecasts next to a naive "same as last week"

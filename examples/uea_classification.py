@@ -8,7 +8,7 @@ and tabulate mean ± std test accuracy, parameters and training time.
 
 Run:
 
-    python examples/uea_classification.py              # all datasets, 3 seeds (~30 min, 2 CPUs)
+    python examples/uea_classification.py              # all datasets, 3 seeds, 100 epochs
     python examples/uea_classification.py --quick      # one dataset, seed and epoch, few cases
     python examples/uea_classification.py --datasets GunPoint --seeds 0 1 2 3 4
 
