@@ -9,22 +9,33 @@ import math
 import keras
 from keras import ops
 
+from keras_aaren.layers.arguments import (
+    OUTPUT_DIM,
+    PROJECTION,
+    RECURRENT,
+    VALUE_DIM,
+    resolve,
+    serialize,
+    split,
+    takes,
+)
 from keras_aaren.layers.base import (
     ParallelRNN,
-    cell_attribute,
     check_float,
-    check_positive_int,
     check_token_shape,
+    follow_input_width,
+    init_sequence_layer,
 )
 from keras_aaren.ops import aaren_scan, aaren_step
 from keras_aaren.ops.recurrence import scan_dtype
+from keras_aaren.validation import check_positive_int
 
-_INITIALIZERS = ("kernel_initializer", "bias_initializer", "query_initializer")
-_REGULARIZERS = ("kernel_regularizer", "bias_regularizer", "query_regularizer")
-_CONSTRAINTS = ("kernel_constraint", "bias_constraint", "query_constraint")
+# The arguments of the cell after `num_heads` and `key_dim`.
+CELL_ARGUMENTS = (VALUE_DIM, OUTPUT_DIM, PROJECTION)
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
+@takes(*CELL_ARGUMENTS)
 class AarenCell(keras.layers.Layer):
     """Cell for the Aaren layer (Feng et al., "Attention as an RNN", arXiv 2405.13956).
 
@@ -53,30 +64,14 @@ class AarenCell(keras.layers.Layer):
     `(batch_size, output_dim)`, first, because Keras' RNN loop on JAX outputs the first state at a
     masked timestep; then the paper's state $(m, u, w)$ in one tensor $c$ of shape
     `(batch_size, 2 * num_heads + num_heads * value_dim)`: $m$ in its first `num_heads` columns,
-    $u$ in the next `num_heads`, $w$ flattened in the rest (`unflatten_state` splits it). One
-    tensor rather than three, because every state tensor costs a per-call overhead when a step is
-    served (about 20 us each on TensorFlow). The all-zero state means "nothing seen yet".
-    `keras.layers.RNN` reads the state sizes when it is constructed: with `return_state=True` on a
-    symbolic input, give `output_dim` (or build the cell first), since with `output_dim=None` the
-    first state's size is unknown until then.
+    $u$ in the next `num_heads`, $w$ flattened in the rest. One tensor rather than three, because
+    every state tensor costs a per-call overhead when a step is served. The all-zero state means
+    "nothing seen yet".
 
     Args:
         num_heads: int, number of attention heads, each with its own learned query.
         key_dim: int, size of each head's query and key.
-        value_dim: int, size of each head's value; defaults to `key_dim`.
-        output_dim: int, width of the output; defaults to the width of the input.
-        use_bias: bool, whether the projections use bias vectors.
-        kernel_initializer: initializer of the projection kernels.
-        bias_initializer: initializer of the projection biases.
-        query_initializer: initializer of the learned query token; `None` (default) means
-            `RandomNormal(stddev=1.0)`, which gives queries of the scale that
-            `MultiHeadAttention` computes from normalized inputs.
-        kernel_regularizer: regularizer of the projection kernels.
-        bias_regularizer: regularizer of the projection biases.
-        query_regularizer: regularizer of the learned query token.
-        kernel_constraint: constraint of the projection kernels.
-        bias_constraint: constraint of the projection biases.
-        query_constraint: constraint of the learned query token.
+        {arguments}
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -90,7 +85,8 @@ class AarenCell(keras.layers.Layer):
 
     Raises:
         ValueError: if `num_heads`, `key_dim`, `value_dim` or `output_dim` is not a positive
-            integer, if the input is not of shape `(batch_size, features)` with known
+            integer, an initializer, regularizer or constraint is unknown, if the input is not of
+            shape `(batch_size, features)` with known
             `features`, or if the input is not floating-point.
 
     Examples:
@@ -104,45 +100,17 @@ class AarenCell(keras.layers.Layer):
     (4, 10, 16)
     """
 
-    def __init__(
-        self,
-        num_heads,
-        key_dim,
-        value_dim=None,
-        output_dim=None,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        query_initializer=None,
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        query_regularizer=None,
-        kernel_constraint=None,
-        bias_constraint=None,
-        query_constraint=None,
-        **kwargs,
-    ):
+    def __init__(self, num_heads, key_dim, **kwargs):
         check_positive_int("num_heads", num_heads)
         check_positive_int("key_dim", key_dim)
-        check_positive_int("value_dim", value_dim, allow_none=True)
-        check_positive_int("output_dim", output_dim, allow_none=True)
+        values = resolve(self.arguments, split(self.arguments, kwargs))
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.key_dim = key_dim
-        self.value_dim = value_dim if value_dim is not None else key_dim
-        self.output_dim = output_dim
-        self.use_bias = use_bias
-        if query_initializer is None:
-            query_initializer = keras.initializers.RandomNormal(stddev=1.0)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.query_initializer = keras.initializers.get(query_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.query_regularizer = keras.regularizers.get(query_regularizer)
-        self.kernel_constraint = keras.constraints.get(kernel_constraint)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
-        self.query_constraint = keras.constraints.get(query_constraint)
+        for name, value in values.items():
+            setattr(self, name, value)
+        if self.value_dim is None:
+            self.value_dim = key_dim
         self.input_dim = None
 
     @property
@@ -152,6 +120,8 @@ class AarenCell(keras.layers.Layer):
     @property
     def state_size(self):
         # The output's size is that of the input when `output_dim` is None, known after `build`.
+        if self.output_size is None:
+            follow_input_width(self)
         heads = self.num_heads
         return [self.output_size, 2 * heads + heads * self.value_dim]
 
@@ -303,29 +273,13 @@ class AarenCell(keras.layers.Layer):
     def get_initial_state(self, batch_size=None):
         return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]
 
-    def arg_config(self):
-        """The constructor arguments, serialized (no base-layer keys)."""
-        config = {
-            "num_heads": self.num_heads,
-            "key_dim": self.key_dim,
-            "value_dim": self.value_dim,
-            "output_dim": self.output_dim,
-            "use_bias": self.use_bias,
-        }
-        for names, serialize in (
-            (_INITIALIZERS, keras.initializers.serialize),
-            (_REGULARIZERS, keras.regularizers.serialize),
-            (_CONSTRAINTS, keras.constraints.serialize),
-        ):
-            for name in names:
-                config[name] = serialize(getattr(self, name))
-        return config
-
     def get_config(self):
-        return {**super().get_config(), **self.arg_config()}
+        config = {"num_heads": self.num_heads, "key_dim": self.key_dim}
+        return {**super().get_config(), **config, **serialize(self.arguments, self)}
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
+@takes(*CELL_ARGUMENTS, RECURRENT, cell_arguments=AarenCell.arguments)
 class Aaren(ParallelRNN):
     """Aaren layer: attention computed as an RNN, in parallel (Feng et al., arXiv 2405.13956).
 
@@ -353,29 +307,7 @@ class Aaren(ParallelRNN):
     Args:
         num_heads: int, number of attention heads, each with its own learned query.
         key_dim: int, size of each head's query and key.
-        value_dim: int, size of each head's value; defaults to `key_dim`.
-        output_dim: int, width of the output; defaults to the width of the input.
-        use_bias: bool, whether the projections use bias vectors.
-        kernel_initializer: initializer of the projection kernels.
-        bias_initializer: initializer of the projection biases.
-        query_initializer: initializer of the learned query token; `None` (default) means
-            `RandomNormal(stddev=1.0)`.
-        kernel_regularizer: regularizer of the projection kernels.
-        bias_regularizer: regularizer of the projection biases.
-        query_regularizer: regularizer of the learned query token.
-        kernel_constraint: constraint of the projection kernels.
-        bias_constraint: constraint of the projection biases.
-        query_constraint: constraint of the learned query token.
-        method: how the sequence is computed: `"auto"` (the fastest exact scan for the backend),
-            `"chunked"`, `"associative"` (the paper's parallel prefix scan), or `"sequential"`
-            (the `keras.layers.RNN` step loop over the cell). See `keras_aaren.ops.aaren_scan`.
-        return_sequences: bool, return the output at every timestep, or only the last.
-        return_state: bool, also return the final states `[y, c]` (see `AarenCell`).
-        go_backwards: bool, process the sequence backwards and return the reversed sequence.
-        stateful: bool, the final states of a batch are the initial states of the next one.
-        unroll: bool, unroll the step loop; used only by `method="sequential"`.
-        zero_output_for_mask: bool, output zeros at masked timesteps instead of the previous
-            output (only with `return_sequences=True`, as in `keras.layers.RNN`).
+        {arguments}
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -394,7 +326,8 @@ class Aaren(ParallelRNN):
     Raises:
         ValueError: for a non-positive `num_heads`, `key_dim`, `value_dim` or `output_dim`, an
             unknown `method`, an input that is not `(batch_size, timesteps, features)` with known
-            `features`, integer inputs, or a `mask` or `initial_state` whose shape does not match.
+            `features`, a sequence of no timesteps, integer inputs, or a `mask` or
+            `initial_state` whose shape does not match.
 
     Examples:
 
@@ -409,73 +342,5 @@ class Aaren(ParallelRNN):
     True
     """
 
-    def __init__(
-        self,
-        num_heads,
-        key_dim,
-        value_dim=None,
-        output_dim=None,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        query_initializer=None,
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        query_regularizer=None,
-        kernel_constraint=None,
-        bias_constraint=None,
-        query_constraint=None,
-        method="auto",
-        return_sequences=False,
-        return_state=False,
-        go_backwards=False,
-        stateful=False,
-        unroll=False,
-        zero_output_for_mask=False,
-        **kwargs,
-    ):
-        cell = AarenCell(
-            num_heads,
-            key_dim,
-            value_dim=value_dim,
-            output_dim=output_dim,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            query_initializer=query_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            query_regularizer=query_regularizer,
-            kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint,
-            query_constraint=query_constraint,
-            dtype=kwargs.get("dtype"),
-            trainable=kwargs.get("trainable", True),
-            name="aaren_cell",
-        )
-        super().__init__(
-            cell,
-            method=method,
-            return_sequences=return_sequences,
-            return_state=return_state,
-            go_backwards=go_backwards,
-            stateful=stateful,
-            unroll=unroll,
-            zero_output_for_mask=zero_output_for_mask,
-            **kwargs,
-        )
-
-    num_heads = cell_attribute("num_heads")
-    key_dim = cell_attribute("key_dim")
-    value_dim = cell_attribute("value_dim")
-    output_dim = cell_attribute("output_dim")
-    use_bias = cell_attribute("use_bias")
-    kernel_initializer = cell_attribute("kernel_initializer")
-    bias_initializer = cell_attribute("bias_initializer")
-    query_initializer = cell_attribute("query_initializer")
-    kernel_regularizer = cell_attribute("kernel_regularizer")
-    bias_regularizer = cell_attribute("bias_regularizer")
-    query_regularizer = cell_attribute("query_regularizer")
-    kernel_constraint = cell_attribute("kernel_constraint")
-    bias_constraint = cell_attribute("bias_constraint")
-    query_constraint = cell_attribute("query_constraint")
+    def __init__(self, num_heads, key_dim, **kwargs):
+        init_sequence_layer(self, AarenCell, num_heads, key_dim, kwargs, "aaren_cell")

@@ -7,17 +7,49 @@ import keras
 from keras import ops
 
 from keras_aaren.layers.aaren import AarenCell
+from keras_aaren.layers.arguments import (
+    BLOCK,
+    PROJECTION,
+    RECURRENT,
+    VALUE_DIM,
+    resolve,
+    serialize,
+    split,
+    takes,
+)
 from keras_aaren.layers.base import (
     ParallelRNN,
-    cell_attribute,
     check_float,
-    check_positive_int,
     check_token_shape,
+    follow_input_width,
+    init_sequence_layer,
 )
+from keras_aaren.validation import check_positive_int
+
+# The arguments of the block cell after `num_heads` and `key_dim`.
+CELL_ARGUMENTS = (VALUE_DIM, BLOCK, PROJECTION)
+
+
+def _dropout_rnn_cell():
+    """Keras' mixin for cells whose dropout masks `keras.layers.RNN` draws before its loop.
+
+    `keras.layers.RNN` draws the masks of a cell that derives from it once per call, outside its
+    step loop, as `LSTMCell`'s are; a cell that drew them inside the loop would, on JAX, advance
+    a seed generator inside `jax.lax.scan` and leak its tracer. Keras does not export the class,
+    so it is taken from `LSTMCell`'s bases; without it the cell draws in the loop.
+    """
+    for base in keras.layers.LSTMCell.__mro__:
+        if base.__name__ == "DropoutRNNCell":
+            return base
+    return object
+
+
+DropoutRNNCell = _dropout_rnn_cell()
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
-class AarenBlockCell(keras.layers.Layer):
+@takes(*CELL_ARGUMENTS)
+class AarenBlockCell(DropoutRNNCell, keras.layers.Layer):
     """Cell of a Transformer encoder block whose attention is Aaren (arXiv 2405.13956).
 
     The block runs one token at a time with the constant-size state of its `AarenCell`; every
@@ -45,18 +77,7 @@ class AarenBlockCell(keras.layers.Layer):
     Args:
         num_heads: int, number of Aaren heads.
         key_dim: int, size of each head's query and key (as in `MultiHeadAttention`).
-        value_dim: int, size of each head's value; defaults to `key_dim`.
-        ffn_dim: int, width of the feed-forward network's hidden layer; defaults to `4 * width`.
-        activation: activation of the feed-forward network's hidden layer.
-        dropout: float in [0, 1), dropout rate after Aaren and after the feed-forward network.
-        norm_first: bool, pre-norm (True) or post-norm (False) residual blocks.
-        layer_norm_epsilon: float, epsilon of both LayerNormalization layers.
-        use_bias: bool, whether the projections and dense layers use biases.
-        kernel_initializer: initializer of all kernels.
-        bias_initializer: initializer of all biases.
-        query_initializer: initializer of the learned query token (see `AarenCell`).
-        kernel_regularizer: regularizer of all kernels.
-        bias_regularizer: regularizer of all biases.
+        {arguments}
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -83,49 +104,24 @@ class AarenBlockCell(keras.layers.Layer):
     (3, 7, 16)
     """
 
-    def __init__(
-        self,
-        num_heads,
-        key_dim,
-        value_dim=None,
-        ffn_dim=None,
-        activation="relu",
-        dropout=0.0,
-        norm_first=False,
-        layer_norm_epsilon=1e-5,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        query_initializer=None,
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        **kwargs,
-    ):
+    def __init__(self, num_heads, key_dim, **kwargs):
         check_positive_int("num_heads", num_heads)
         check_positive_int("key_dim", key_dim)
-        check_positive_int("value_dim", value_dim, allow_none=True)
-        check_positive_int("ffn_dim", ffn_dim, allow_none=True)
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"`dropout` must be a float in [0, 1). Received: dropout={dropout!r}")
+        values = resolve(self.arguments, split(self.arguments, kwargs))
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.key_dim = key_dim
-        self.value_dim = value_dim if value_dim is not None else key_dim
-        self.ffn_dim = ffn_dim
-        self.activation = keras.activations.get(activation)
-        self.dropout = dropout
-        self.norm_first = norm_first
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.query_initializer = (
-            None if query_initializer is None else keras.initializers.get(query_initializer)
-        )
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        for name, value in values.items():
+            setattr(self, name, value)
+        if self.value_dim is None:
+            self.value_dim = key_dim
         self.input_dim = None
         self.attention = None
+        # The step form's dropout masks (see `DropoutRNNCell`): one for the attention's output
+        # and one for the feed-forward network's, drawn once per call of `keras.layers.RNN`.
+        self.recurrent_dropout = 0.0
+        self.dropout_mask_count = 2
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
 
     @property
     def output_size(self):
@@ -134,45 +130,46 @@ class AarenBlockCell(keras.layers.Layer):
     @property
     def state_size(self):
         # The block's previous output, then the attention's (m, u, w) in one tensor.
+        if self.input_dim is None:
+            follow_input_width(self)
         heads = self.num_heads
         return [self.input_dim, 2 * heads + heads * self.value_dim]
-
-    def _sublayer_arguments(self):
-        return dict(
-            use_bias=self.use_bias,
-            kernel_initializer=self.kernel_initializer,
-            bias_initializer=self.bias_initializer,
-            kernel_regularizer=self.kernel_regularizer,
-            bias_regularizer=self.bias_regularizer,
-            dtype=self.dtype_policy,
-        )
 
     def build(self, input_shape):
         check_token_shape(self, input_shape)
         width = int(input_shape[-1])
         self.input_dim = width
+        # The attention takes every projection argument; the dense layers those they have.
+        projection = {a.name: getattr(self, a.name) for a in PROJECTION}
+        dense = {
+            name: value
+            for name, value in projection.items()
+            if not name.startswith("query_")
+        }
+        policy = dict(dtype=self.dtype_policy)
         self.attention = AarenCell(
             self.num_heads,
             self.key_dim,
             value_dim=self.value_dim,
             output_dim=width,
-            query_initializer=self.query_initializer,
             name="attention",
-            **self._sublayer_arguments(),
+            **projection,
+            **policy,
         )
-        dense = self._sublayer_arguments()
         self.ffn_intermediate = keras.layers.Dense(
             self.ffn_dim or 4 * width,
             activation=self.activation,
             name="ffn_intermediate",
             **dense,
+            **policy,
         )
-        self.ffn_output = keras.layers.Dense(width, name="ffn_output", **dense)
-        norm = dict(epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy)
+        self.ffn_output = keras.layers.Dense(width, name="ffn_output", **dense, **policy)
+        norm = dict(epsilon=self.layer_norm_epsilon, **policy)
         self.attention_norm = keras.layers.LayerNormalization(name="attention_norm", **norm)
         self.ffn_norm = keras.layers.LayerNormalization(name="ffn_norm", **norm)
-        self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-        self.ffn_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        seeds = (None, None) if self.seed is None else (self.seed, self.seed + 1)
+        self.attention_dropout = keras.layers.Dropout(self.dropout, seed=seeds[0], **policy)
+        self.ffn_dropout = keras.layers.Dropout(self.dropout, seed=seeds[1], **policy)
 
         token_shape = tuple(input_shape)
         self.attention.build(token_shape)
@@ -185,20 +182,29 @@ class AarenBlockCell(keras.layers.Layer):
     def _attention_input(self, x):
         return self.attention_norm(x) if self.norm_first else x
 
-    def _rest_of_block(self, x, attended, training):
+    def _rest_of_block(self, x, attended, dropout_attended, dropout_ffn):
         # Everything after the attention acts on each token alone.
-        h = x + self.attention_dropout(attended, training=training)
+        h = x + dropout_attended(attended)
         if not self.norm_first:
             h = self.attention_norm(h)
         ffn_input = self.ffn_norm(h) if self.norm_first else h
         ffn = self.ffn_output(self.ffn_intermediate(ffn_input))
-        y = h + self.ffn_dropout(ffn, training=training)
+        y = h + dropout_ffn(ffn)
         return y if self.norm_first else self.ffn_norm(y)
 
     def call(self, inputs, states, training=False):
         check_float(self, inputs)
         attended, new_states = self.attention.call_token(self._attention_input(inputs), states[1:])
-        outputs = self._rest_of_block(inputs, attended, training)
+        if training and self.dropout > 0 and hasattr(self, "get_dropout_mask"):
+            # The same masks at every step of one call of keras.layers.RNN, as LSTMCell's.
+            masks = self.get_dropout_mask(inputs)
+            drop = [lambda t, mask=mask: t * ops.cast(mask, t.dtype) for mask in masks]
+        else:
+            drop = [
+                lambda t: self.attention_dropout(t, training=training),
+                lambda t: self.ffn_dropout(t, training=training),
+            ]
+        outputs = self._rest_of_block(inputs, attended, *drop)
         return outputs, [ops.cast(outputs, states[0].dtype), *new_states]
 
     def call_sequence(
@@ -215,40 +221,30 @@ class AarenBlockCell(keras.layers.Layer):
         )
         if last_only:
             sequences = sequences[:, -1:]
-        return self._rest_of_block(sequences, attended, training), new_states
+        outputs = self._rest_of_block(
+            sequences,
+            attended,
+            lambda t: self.attention_dropout(t, training=training),
+            lambda t: self.ffn_dropout(t, training=training),
+        )
+        return outputs, new_states
 
     def get_initial_state(self, batch_size=None):
         # The attention's output has the block's width, so its states have the block's sizes.
         return self.attention.get_initial_state(batch_size)
 
-    def arg_config(self):
-        """The constructor arguments, serialized (no base-layer keys)."""
-        return {
-            "num_heads": self.num_heads,
-            "key_dim": self.key_dim,
-            "value_dim": self.value_dim,
-            "ffn_dim": self.ffn_dim,
-            "activation": keras.activations.serialize(self.activation),
-            "dropout": self.dropout,
-            "norm_first": self.norm_first,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "use_bias": self.use_bias,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-            "query_initializer": (
-                None
-                if self.query_initializer is None
-                else keras.initializers.serialize(self.query_initializer)
-            ),
-            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-        }
-
     def get_config(self):
-        return {**super().get_config(), **self.arg_config()}
+        config = {"num_heads": self.num_heads, "key_dim": self.key_dim}
+        return {**super().get_config(), **config, **serialize(self.arguments, self)}
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
+@takes(
+    *CELL_ARGUMENTS,
+    RECURRENT,
+    defaults={"return_sequences": True},
+    cell_arguments=AarenBlockCell.arguments,
+)
 class AarenBlock(ParallelRNN):
     """Transformer encoder block with Aaren as its attention (Feng et al., arXiv 2405.13956).
 
@@ -268,25 +264,7 @@ class AarenBlock(ParallelRNN):
     Args:
         num_heads: int, number of Aaren heads.
         key_dim: int, size of each head's query and key (as in `MultiHeadAttention`).
-        value_dim: int, size of each head's value; defaults to `key_dim`.
-        ffn_dim: int, width of the feed-forward hidden layer; defaults to `4 * width`.
-        activation: activation of the feed-forward hidden layer.
-        dropout: float in [0, 1), dropout after Aaren and after the feed-forward network.
-        norm_first: bool, pre-norm (True) or post-norm (False, default).
-        layer_norm_epsilon: float, epsilon of the LayerNormalization layers.
-        use_bias: bool, whether the projections and dense layers use biases.
-        kernel_initializer: initializer of all kernels.
-        bias_initializer: initializer of all biases.
-        query_initializer: initializer of the learned query token.
-        kernel_regularizer: regularizer of all kernels.
-        bias_regularizer: regularizer of all biases.
-        method: the scan, as for `Aaren` (`"sequential"` steps the cell).
-        return_sequences: bool, output every timestep (default True: blocks stack) or the last.
-        return_state: bool, also return the final states `[y, c]`.
-        go_backwards: bool, process the sequence backwards.
-        stateful: bool, carry the state from one batch to the next.
-        unroll: bool, unroll the step loop (`method="sequential"` only).
-        zero_output_for_mask: bool, zeros instead of the previous output at masked steps.
+        {arguments}
         **kwargs: base layer keyword arguments.
 
     Call arguments:
@@ -317,73 +295,5 @@ class AarenBlock(ParallelRNN):
     (2, 9, 16)
     """
 
-    def __init__(
-        self,
-        num_heads,
-        key_dim,
-        value_dim=None,
-        ffn_dim=None,
-        activation="relu",
-        dropout=0.0,
-        norm_first=False,
-        layer_norm_epsilon=1e-5,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        query_initializer=None,
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        method="auto",
-        return_sequences=True,
-        return_state=False,
-        go_backwards=False,
-        stateful=False,
-        unroll=False,
-        zero_output_for_mask=False,
-        **kwargs,
-    ):
-        cell = AarenBlockCell(
-            num_heads,
-            key_dim=key_dim,
-            value_dim=value_dim,
-            ffn_dim=ffn_dim,
-            activation=activation,
-            dropout=dropout,
-            norm_first=norm_first,
-            layer_norm_epsilon=layer_norm_epsilon,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            query_initializer=query_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            dtype=kwargs.get("dtype"),
-            trainable=kwargs.get("trainable", True),
-            name="aaren_block_cell",
-        )
-        super().__init__(
-            cell,
-            method=method,
-            return_sequences=return_sequences,
-            return_state=return_state,
-            go_backwards=go_backwards,
-            stateful=stateful,
-            unroll=unroll,
-            zero_output_for_mask=zero_output_for_mask,
-            **kwargs,
-        )
-
-    num_heads = cell_attribute("num_heads")
-    key_dim = cell_attribute("key_dim")
-    value_dim = cell_attribute("value_dim")
-    ffn_dim = cell_attribute("ffn_dim")
-    activation = cell_attribute("activation")
-    dropout = cell_attribute("dropout")
-    norm_first = cell_attribute("norm_first")
-    layer_norm_epsilon = cell_attribute("layer_norm_epsilon")
-    use_bias = cell_attribute("use_bias")
-    kernel_initializer = cell_attribute("kernel_initializer")
-    bias_initializer = cell_attribute("bias_initializer")
-    query_initializer = cell_attribute("query_initializer")
-    kernel_regularizer = cell_attribute("kernel_regularizer")
-    bias_regularizer = cell_attribute("bias_regularizer")
+    def __init__(self, num_heads, key_dim, **kwargs):
+        init_sequence_layer(self, AarenBlockCell, num_heads, key_dim, kwargs, "aaren_block_cell")

@@ -1,25 +1,21 @@
-"""The Keras plumbing shared by the parallel layers: a `keras.layers.RNN` whose cell can also
-compute a whole sequence at once.
+"""The Keras plumbing shared by the layers: input checks, and a `keras.layers.RNN` whose cell can
+also compute a whole sequence at once.
 
 Shape letters used in this module: B batch, T timesteps, F input features, O output features.
 """
 
+import sys
+
 import keras
 from keras import ops
 
+from keras_aaren.layers.arguments import RECURRENT, split
 from keras_aaren.ops.scan import check_method
-
-
-def check_positive_int(name, value, allow_none=False):
-    """Raise a ValueError naming `name` unless `value` is a positive int (or None if allowed)."""
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
+from keras_aaren.validation import check_shape
 
 
 def check_float(layer, inputs):
+    """Raise a ValueError unless `inputs` is floating-point."""
     dtype = keras.backend.standardize_dtype(inputs.dtype)
     if "float" not in dtype:
         raise ValueError(
@@ -29,6 +25,7 @@ def check_float(layer, inputs):
 
 
 def check_token_shape(layer, input_shape):
+    """Raise a ValueError unless `input_shape` is one token, `(batch_size, features)`."""
     if len(input_shape) != 2 or input_shape[-1] is None:
         raise ValueError(
             f"Layer '{layer.name}' expects one token of shape (batch_size, features) with a "
@@ -36,15 +33,55 @@ def check_token_shape(layer, input_shape):
         )
 
 
-def cell_attribute(name):
-    """A read-only property of a sequence layer that returns its cell's attribute `name`."""
-    return property(lambda self: getattr(self.cell, name), doc=f"The cell's `{name}`.")
+def _check_sequences_shape(layer, shape):
+    if len(shape) != 3 or shape[-1] is None:
+        raise ValueError(
+            f"Layer '{layer.name}' expects `sequences` of shape "
+            "(batch_size, timesteps, features) with a known `features`. "
+            f"Received: sequences.shape={tuple(shape)}"
+        )
+    # keras.layers.LSTM fails on an empty sequence with an opaque strided-slice error.
+    if shape[1] == 0:
+        raise ValueError(
+            f"Layer '{layer.name}' expects `sequences` with at least one timestep (axis 1, "
+            f"`timesteps`). Received: sequences.shape={tuple(shape)}"
+        )
 
 
-def _dims_match(got, expected):
-    return len(got) == len(expected) and all(
-        g is None or e is None or g == e for g, e in zip(got, expected)
-    )
+def follow_input_width(cell):
+    """Keep a `keras.layers.RNN` that wraps `cell` right about sizes known only once it is built.
+
+    A cell whose output has its input's width (`AarenCell` with `output_dim=None`,
+    `AarenBlockCell`) learns that width in `build`, but `keras.layers.RNN` copies
+    `cell.state_size` in its constructor and answers `compute_output_shape` from that copy: with
+    `return_state=True` on a symbolic input it would silently drop the state whose size was
+    still unknown. Called from the cell's `state_size` while an RNN's constructor reads it, this
+    gives that RNN a `compute_output_shape` that first takes the width from the input shape and
+    reads the sizes again, so that it answers from the input shape as `LSTM` does. Keras offers
+    no public hook for this, so the wrapping RNN is found as the caller of `state_size`.
+    """
+    caller = sys._getframe(2).f_locals.get("self")
+    if (
+        not isinstance(caller, keras.layers.RNN)
+        or isinstance(caller, ParallelRNN)
+        or getattr(caller, "cell", None) is not cell
+        or "compute_output_shape" in vars(caller)
+    ):
+        return
+    answer = caller.compute_output_shape
+
+    def compute_output_shape(sequences_shape, initial_state_shape=None):
+        learn_width(cell, sequences_shape)
+        caller.state_size = list(cell.state_size)
+        return answer(sequences_shape, initial_state_shape)
+
+    caller.compute_output_shape = compute_output_shape
+
+
+def learn_width(cell, sequences_shape):
+    """Set an unbuilt cell's `input_dim` from a sequence shape, where the shape knows it."""
+    if cell.input_dim is None and len(sequences_shape) == 3 and sequences_shape[-1] is not None:
+        cell.input_dim = int(sequences_shape[-1])
 
 
 def _carry_last_real(outputs, mask):
@@ -91,12 +128,7 @@ class ParallelRNN(keras.layers.RNN):
         self.supports_masking = True
 
     def build(self, sequences_shape, initial_state_shape=None):
-        if len(sequences_shape) != 3 or sequences_shape[-1] is None:
-            raise ValueError(
-                f"Layer '{self.name}' expects `sequences` of shape "
-                "(batch_size, timesteps, features) with a known `features`. "
-                f"Received: sequences.shape={tuple(sequences_shape)}"
-            )
+        _check_sequences_shape(self, sequences_shape)
         super().build(sequences_shape, initial_state_shape)
         # keras.layers.RNN copies the cell's state sizes when constructed; the previous output's
         # size is known only once the cell is built.
@@ -104,22 +136,27 @@ class ParallelRNN(keras.layers.RNN):
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         check_float(self, sequences)
+        _check_sequences_shape(self, sequences.shape)
         batch, steps = sequences.shape[0], sequences.shape[1]
-        if mask is not None and not _dims_match(tuple(mask.shape), (batch, steps)):
-            raise ValueError(
-                f"Layer '{self.name}' expects `mask` of shape (batch_size, timesteps) = "
-                f"{(batch, steps)}. Received: mask.shape={tuple(mask.shape)}"
-            )
+        if mask is not None:
+            check_shape("mask", mask.shape, (batch, steps), "(batch_size, timesteps)")
         if initial_state is not None:
             states = initial_state if isinstance(initial_state, (list, tuple)) else [initial_state]
-            shapes = [tuple(s.shape) for s in states]
             expected = [(batch, size) for size in self.cell.state_size]
-            if len(shapes) != len(expected) or not all(map(_dims_match, shapes, expected)):
+            if len(states) != len(expected):
                 raise ValueError(
                     f"Layer '{self.name}' expects `initial_state` as [y, c] of shapes "
-                    f"{expected}. Received: shapes {shapes}"
+                    f"{expected}. Received: {len(states)} tensors"
                 )
+            for name, state, shape in zip(("y", "c"), states, expected):
+                check_shape(f"initial_state.{name}", state.shape, shape, "(batch_size, size)")
         return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
+
+    def compute_output_shape(self, sequences_shape, initial_state_shape=None):
+        # Answers from the input shape before the cell is built, as keras.layers.LSTM does.
+        learn_width(self.cell, sequences_shape)
+        self.state_size = list(self.cell.state_size)
+        return super().compute_output_shape(sequences_shape, initial_state_shape)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if self.method == "sequential":
@@ -170,10 +207,33 @@ class ParallelRNN(keras.layers.RNN):
         return variables
 
     def get_config(self):
+        # The layer builds its own cell: its config holds the cell's arguments, not the cell.
         config = super().get_config()
         del config["cell"]
-        return {**config, **self.cell.arg_config(), "method": self.method}
+        cell_config = self.cell.get_config()
+        names = ("num_heads", "key_dim", *(a.name for a in self.cell.arguments))
+        return {**config, **{name: cell_config[name] for name in names}, "method": self.method}
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def init_sequence_layer(layer, cell_class, num_heads, key_dim, kwargs, cell_name):
+    """Build `layer`'s cell from the cell's own arguments in `kwargs`, then the RNN from the rest.
+
+    The sequence layers take their cell's arguments and `keras.layers.RNN`'s (with the scan
+    `method`) in one flat signature; each argument goes where it is defined.
+    """
+    cell_values = split(cell_class.arguments, kwargs)
+    names = {a.name for a in RECURRENT}
+    recurrent = split([a for a in type(layer).arguments if a.name in names], kwargs)
+    cell = cell_class(
+        num_heads,
+        key_dim,
+        **cell_values,
+        dtype=kwargs.get("dtype"),
+        trainable=kwargs.get("trainable", True),
+        name=cell_name,
+    )
+    ParallelRNN.__init__(layer, cell, **recurrent, **kwargs)

@@ -256,6 +256,31 @@ def test_keras_file_round_trip(tmp_path):
     assert (layer.method, layer.output_dim, layer.num_heads) == ("associative", 8, 2)
 
 
+@pytest.mark.parametrize("wrapper", ["aaren", "rnn"])
+def test_compute_output_shape_before_build(wrapper):
+    # As keras.layers.LSTM, an unbuilt layer answers from the input shape.
+    if wrapper == "aaren":
+        layer = Aaren(2, 4, return_sequences=True, return_state=True)
+    else:
+        layer = keras.layers.RNN(AarenCell(2, 4), return_sequences=True, return_state=True)
+    assert layer.compute_output_shape((3, 7, FEATURES)) == (
+        (3, 7, FEATURES),
+        (3, FEATURES),
+        (3, 2 + 2 + 2 * 4),
+    )
+    assert not layer.built
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_sequence_names_the_time_axis(method):
+    with pytest.raises(ValueError, match=r"at least one timestep \(axis 1, `timesteps`\)"):
+        Aaren(2, 4, method=method)(np.zeros((2, 0, FEATURES), "float32"))
+    layer = Aaren(2, 4, method=method)
+    layer(data(2, 3))
+    with pytest.raises(ValueError, match=r"Received: sequences.shape=\(2, 0, 6\)"):
+        layer(np.zeros((2, 0, FEATURES), "float32"))
+
+
 def test_config_round_trip():
     layer = Aaren(
         3,
@@ -316,14 +341,19 @@ def test_functional_shapes_with_unknown_dims(return_sequences, return_state):
         ]
 
 
-@pytest.mark.parametrize("wrapper", ["aaren", "rnn_with_output_dim", "rnn_of_built_cell"])
-def test_functional_return_state_lists_the_previous_output(wrapper):
+@pytest.mark.parametrize(
+    "wrapper", ["aaren", "rnn", "rnn_with_output_dim", "rnn_of_built_cell", "bidirectional"]
+)
+def test_functional_return_state_lists_every_state(wrapper):
     # The first state has the output's size, which with output_dim=None is the input width,
-    # known only once the cell is built; keras.layers.RNN copies the sizes when constructed.
+    # known only once the cell is built, while keras.layers.RNN copies the sizes when
+    # constructed: every state must still come back, as LSTMCell's do.
     inputs = keras.Input((None, FEATURES))
+    width = FEATURES
     if wrapper == "aaren":
         layer = Aaren(2, 4, return_state=True)
-        width = FEATURES
+    elif wrapper in ("rnn", "bidirectional"):
+        layer = keras.layers.RNN(AarenCell(2, 4), return_state=True)
     elif wrapper == "rnn_with_output_dim":
         layer = keras.layers.RNN(AarenCell(2, 4, output_dim=5), return_state=True)
         width = 5
@@ -331,7 +361,14 @@ def test_functional_return_state_lists_the_previous_output(wrapper):
         cell = AarenCell(2, 4)
         cell.build((None, FEATURES))
         layer = keras.layers.RNN(cell, return_state=True)
-        width = FEATURES
+    if wrapper == "bidirectional":
+        outputs = keras.layers.Bidirectional(layer)(inputs)
+        states = [(None, width), (None, 2 + 2 + 2 * 4)]
+        expected = [(None, 2 * width), *states, *states]
+        assert [tuple(o.shape) for o in outputs] == expected
+        results = keras.Model(inputs, outputs)(data(3, 9))
+        assert [tuple(r.shape) for r in results] == [(3,) + e[1:] for e in expected]
+        return
     outputs = layer(inputs)
     expected = [(None, width), (None, width), (None, 2 + 2 + 2 * 4)]
     assert [tuple(o.shape) for o in outputs] == expected
@@ -439,7 +476,7 @@ def test_bad_inputs_raise():
         Aaren(2, 4)(keras.Input((None, None)))
     with pytest.raises(ValueError, match="floating-point `inputs`.*Received: inputs.dtype=int32"):
         Aaren(2, 4)(np.zeros((2, 5, 3), "int32"))
-    with pytest.raises(ValueError, match=r"`mask` of shape.*Received: mask.shape=\(2, 4\)"):
+    with pytest.raises(ValueError, match=r"`mask` must have shape.*Received: mask.shape=\(2, 4\)"):
         Aaren(2, 4)(data(2, 5), mask=np.ones((2, 4), bool))
     with pytest.raises(ValueError, match=r"`initial_state` as \[y, c\]"):
         Aaren(2, 4)(data(2, 5), initial_state=[np.zeros((2, 2), "float32")] * 3)

@@ -146,6 +146,26 @@ def test_block_trains_with_masking(jit_compile):
     assert model.evaluate(x, y, verbose=0) < before
 
 
+def test_block_cell_dropout_trains_in_keras_rnn():
+    # keras.layers.RNN draws the step's dropout masks before its loop, as for LSTMCell: drawing
+    # them inside the loop leaks a tracer on JAX.
+    x, y = data(8, 11, WIDTH, seed=2), data(8, 11, 1, seed=3)
+    cell = AarenBlockCell(2, 4, ffn_dim=8, dropout=0.5, seed=3)
+    rnn = keras.layers.RNN(cell, return_sequences=True)
+    model = keras.Sequential([keras.Input((11, WIDTH)), rnn, keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    history = model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    trained, inferred = to_numpy(rnn(x, training=True)), to_numpy(rnn(x, training=False))
+    assert np.all(np.isfinite(trained))
+    assert not np.allclose(trained, inferred)
+
+
+def test_block_empty_sequence_names_the_time_axis():
+    with pytest.raises(ValueError, match=r"at least one timestep \(axis 1, `timesteps`\)"):
+        block()(np.zeros((2, 0, WIDTH), "float32"))
+
+
 def test_block_keras_file_round_trip(tmp_path):
     x = data(2, 9, WIDTH, seed=6)
     model = keras.Sequential(

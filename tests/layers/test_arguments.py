@@ -1,0 +1,120 @@
+"""Every constructor argument of every layer: stored, serialized and restored as given."""
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+
+from keras_aaren import Aaren, AarenBlock, AarenBlockCell, AarenCell
+
+# A value other than the default for every argument a layer takes. A new argument without an
+# entry here fails `test_every_argument_survives_config_and_keras_file`.
+NON_DEFAULT = {
+    "value_dim": 3,
+    "output_dim": 5,
+    "ffn_dim": 7,
+    "activation": "gelu",
+    "dropout": 0.25,
+    "norm_first": True,
+    "layer_norm_epsilon": 1e-3,
+    "seed": 7,
+    "use_bias": False,
+    "kernel_initializer": "he_normal",
+    "bias_initializer": "ones",
+    "query_initializer": "glorot_normal",
+    "kernel_regularizer": "l2",
+    "bias_regularizer": "l1",
+    "query_regularizer": keras.regularizers.L1L2(l1=0.1, l2=0.2),
+    "kernel_constraint": "non_neg",
+    "bias_constraint": "unit_norm",
+    "query_constraint": keras.constraints.MaxNorm(2.0),
+    "method": "associative",
+    "return_sequences": True,
+    "return_state": True,
+    "go_backwards": True,
+    "stateful": True,
+    "unroll": True,
+    "zero_output_for_mask": True,
+}
+CLASSES = [AarenCell, Aaren, AarenBlockCell, AarenBlock]
+
+
+def arguments(cls):
+    parameters = inspect.signature(cls).parameters.values()
+    return [p for p in parameters if p.name not in ("num_heads", "key_dim", "kwargs")]
+
+
+def non_default(cls, name):
+    # `return_sequences` defaults to True for a block; its non-default is False.
+    default = inspect.signature(cls).parameters[name].default
+    return (not default) if name == "return_sequences" else NON_DEFAULT[name]
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_signature_lists_every_argument(cls):
+    names = [p.name for p in arguments(cls)]
+    missing = [name for name in names if name not in NON_DEFAULT]
+    assert not missing, f"no non-default test value for {missing}"
+    # The block cell takes every projection argument of the attention cell.
+    if cls is AarenBlockCell:
+        assert set(p.name for p in arguments(AarenCell)) - {"output_dim"} <= set(names)
+    # A sequence layer takes every argument of its cell.
+    if cls in (Aaren, AarenBlock):
+        cell = AarenCell if cls is Aaren else AarenBlockCell
+        assert [p.name for p in arguments(cell)] == names[: len(arguments(cell))]
+
+
+def wrap(layer):
+    # A cell is saved inside keras.layers.RNN; a sequence layer as it is.
+    if isinstance(layer, (AarenCell, AarenBlockCell)):
+        return keras.layers.RNN(layer, return_sequences=True)
+    return layer
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_every_argument_survives_config_and_keras_file(cls, tmp_path):
+    names = [p.name for p in arguments(cls)]
+    given = {name: non_default(cls, name) for name in names}
+    if cls is AarenBlock:
+        # A block keeps its input's width; the block cell has no output_dim either.
+        assert "output_dim" not in given
+    layer = cls(2, 4, **given)
+    config = layer.get_config()
+    default_config = cls(2, 4).get_config()
+    for name in names:
+        assert config[name] != default_config[name], f"{name} was not stored as given"
+
+    restored = cls.from_config(config).get_config()
+    for name in names:
+        assert restored[name] == config[name], name
+
+    inputs = keras.Input(batch_shape=(2, 5, 8))
+    outputs = wrap(layer)(inputs)
+    model = keras.Model(inputs, outputs)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    inner = loaded.layers[-1]
+    loaded_layer = inner.cell if isinstance(layer, (AarenCell, AarenBlockCell)) else inner
+    loaded_config = loaded_layer.get_config()
+    for name in names:
+        assert loaded_config[name] == config[name], name
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "name, value, match",
+    [
+        ("value_dim", 0, "`value_dim` must be a positive integer or None. Received: value_dim=0"),
+        ("use_bias", "yes", "`use_bias` must be a bool. Received: use_bias='yes'"),
+        ("kernel_initializer", "no_such_initializer", "no_such_initializer"),
+        ("query_constraint", "no_such_constraint", "no_such_constraint"),
+    ],
+    ids=["value_dim", "use_bias", "initializer", "constraint"],
+)
+def test_bad_shared_argument_is_named(cls, name, value, match):
+    with pytest.raises(ValueError, match=match):
+        cls(2, 4, **{name: value})
