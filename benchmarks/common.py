@@ -387,7 +387,8 @@ def pyplot():
 def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=None):
     """`{contender: {T: value}}` as one log-log line per contender, saved to `path`.
 
-    `lower_bounds`, of the same structure, are values known only to be exceeded: drawn as
+    Values of 0 or less have no place on a log scale and are left out (a step's memory can
+    read 0 when its buffers are smaller than the allocator's granularity). `lower_bounds`, of the same structure, are values known only to be exceeded: drawn as
     upward triangles in the contender's colour, unconnected. `ranges`, `{contender: {T: (low,
     high)}}`, are drawn as vertical bars in the contender's colour.
     """
@@ -395,14 +396,15 @@ def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=
     lower_bounds = lower_bounds or {}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in results:
-        row, bounds = results[name], lower_bounds.get(name, {})
+        row = {t: value for t, value in results[name].items() if value > 0}
+        bounds = lower_bounds.get(name, {})
         if not row and not bounds:
             continue
         lengths = sorted(row)
         (line,) = ax.plot(
             lengths, [row[t] for t in lengths], marker="o", label=name, color=COLOURS.get(name)
         )
-        spans = (ranges or {}).get(name, {})
+        spans = {t: span for t, span in (ranges or {}).get(name, {}).items() if span[0] > 0}
         if spans:
             points = sorted(spans)
             low, high = ([spans[t][i] for t in points] for i in (0, 1))
@@ -417,7 +419,8 @@ def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=
     ax.set_xlabel("sequence length T")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

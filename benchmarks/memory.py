@@ -202,6 +202,53 @@ def run_child(command, env, cap):
     return "measured", json.loads(output.strip().splitlines()[-1])
 
 
+def measure_in_children(command, processes, env, cap, label):
+    """Run `command` in `processes` children, one after the other, as `run_child` does, and
+    print each measured child's line, after `label`, as it ends.
+
+    Returns `("measured", [record of each child])`, or the first child's `("over_cap", cap)` or
+    `("failed", message)`: the children that would follow it run the same step.
+    """
+    measured = []
+    for _ in range(processes):
+        outcome, value = run_child(command, env, cap)
+        if outcome != "measured":
+            return outcome, value
+        print(f"{label} {describe(value)}", flush=True)
+        measured.append(value)
+    return "measured", measured
+
+
+def describe(child):
+    """One child's record as a line of the progress log, in MiB."""
+    extra = ""
+    if "planned" in child:
+        extra += f"; XLA's plan: {child['planned'] / 2**20:.1f} MiB"
+    if "resident_peak" in child:
+        extra += f"; resident: {child['resident_peak'] / 2**20:.1f} MiB"
+    steps_mib = ", ".join(f"{peak / 2**20:.1f}" for peak in child["peaks"])
+    return (
+        f"{child['peak'] / 2**20:10.1f} MiB {child['memory']} (steps: {steps_mib}; first call, "
+        f"tracing included: {child['first_call'] / 2**20:.1f} MiB{extra})"
+    )
+
+
+def summarise(measured):
+    """The children's records of one (contender, length) as the figures reported: the median
+    peak, the least and the most peak of any step, and the medians of the other figures."""
+    every = [peak for child in measured for peak in child["peaks"]]
+    summary = {
+        "peak": statistics.median(child["peak"] for child in measured),
+        "least": min(every),
+        "most": max(every),
+        "first_call": statistics.median(child["first_call"] for child in measured),
+    }
+    for key in ("planned", "resident_peak"):
+        if key in measured[0]:
+            summary[key] = statistics.median(child[key] for child in measured)
+    return summary
+
+
 def growth_per_doubling(row):
     """The largest ratio of a length's figure to half that length's, or None without a pair."""
     lengths = sorted(row)
@@ -258,47 +305,21 @@ def main(argv=None):
     for steps in args.lengths:
         for name in names:
             command = [sys.executable, "-m", "benchmarks.memory", "--child", name, str(steps)]
-            measured = []
-            for _ in range(args.processes):
-                outcome, value = run_child([*command, *shape], env, cap)
-                if outcome == "over_cap":
-                    over_cap[name][steps] = value
-                    print(
-                        f"T={steps:6d} {name:12s} > {value / 2**20:8.0f} MiB (stopped)", flush=True
-                    )
-                    break
-                if outcome == "failed":
-                    failed[name][steps] = value
-                    print(f"T={steps:6d} {name:12s} failed: {value}", flush=True)
-                    break
-                measured.append(value)
-                kinds.add(value["memory"])
-                extra = ""
-                if "planned" in value:
-                    extra += f"; XLA's plan: {value['planned'] / 2**20:.1f} MiB"
-                if "resident_peak" in value:
-                    extra += f"; resident: {value['resident_peak'] / 2**20:.1f} MiB"
-                steps_mib = ", ".join(f"{peak / 2**20:.1f}" for peak in value["peaks"])
-                print(
-                    f"T={steps:6d} {name:12s} {value['peak'] / 2**20:10.1f} MiB {value['memory']} "
-                    f"(steps: {steps_mib}; first call, tracing included: "
-                    f"{value['first_call'] / 2**20:.1f} MiB{extra})",
-                    flush=True,
-                )
-            if len(measured) < args.processes:
+            label = f"T={steps:6d} {name:12s}"
+            outcome, value = measure_in_children(
+                [*command, *shape], args.processes, env, cap, label
+            )
+            if outcome == "over_cap":
+                over_cap[name][steps] = value
+                print(f"{label} > {value / 2**20:8.0f} MiB (stopped)", flush=True)
                 continue
-            children[name][steps] = measured
-            every = [peak for value in measured for peak in value["peaks"]]
-            summary = {
-                "peak": statistics.median(value["peak"] for value in measured),
-                "least": min(every),
-                "most": max(every),
-                "first_call": statistics.median(value["first_call"] for value in measured),
-            }
-            for key in ("planned", "resident_peak"):
-                if key in measured[0]:
-                    summary[key] = statistics.median(value[key] for value in measured)
-            for key, figure in summary.items():
+            if outcome == "failed":
+                failed[name][steps] = value
+                print(f"{label} failed: {value}", flush=True)
+                continue
+            children[name][steps] = value
+            kinds.update(child["memory"] for child in value)
+            for key, figure in summarise(value).items():
                 results[key][name][steps] = figure
 
     print(

@@ -120,7 +120,7 @@ class KVCacheTransformer:
         ]
         # The cache is allocated once at its capacity; a token at position t reads only the
         # first t + 1 entries, as a growing cache would. One variable per layer and per keys or
-        # values: a write into a variable that an earlier read still aliases copies all of it.
+        # values: a write into a variable that a pending read still aliases copies all of it.
         self.cache = [
             [tf.Variable(tf.zeros((capacity, heads, width // heads))) for _ in range(2)]
             for _ in range(depth)
