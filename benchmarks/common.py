@@ -10,7 +10,7 @@ import os
 import platform
 import resource
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np

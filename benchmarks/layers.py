@@ -24,7 +24,7 @@ Contenders:
 * `tfp_style`: Aaren's projections around one associative scan over the concatenated
   `[m, u, w]` tensor, with no chunking, as a TFP-style implementation computes the prefix;
 * `mha_causal`: `keras.layers.MultiHeadAttention(4, 16)` self-attention, `use_causal_mask=True`;
-* `rnn_cell`: `keras.layers.RNN(AarenCell)`, stepping the same kind of weights token by token;
+* `rnn_cell`: `keras.layers.RNN(AarenCell)`, stepping Aaren's cell token by token;
 * `lstm`: `keras.layers.LSTM(64, return_sequences=True)`.
 
 Two references run only when `--only` names them. Each is Aaren's own projections around a

@@ -10,8 +10,9 @@ import keras
 import numpy as np
 import pytest
 
-from benchmarks import common, layers
+from benchmarks import common, layers, memory, scan, streaming
 from keras_aaren.ops import aaren_attention_naive
+from keras_aaren.streaming import make_step_function
 
 BACKEND = keras.backend.backend()
 measured_backend = pytest.mark.skipif(
@@ -78,8 +79,6 @@ def test_baseline_prefixes_match_the_oracle(prefix):
 
 @measured_backend
 def test_scan_benchmark_smoke(tmp_path):
-    from benchmarks import scan
-
     status = scan.main(["--lengths", "8", "--repeats", "1", "--output-dir", str(tmp_path)])
     assert status == 0
     record = json.loads((tmp_path / "scan.json").read_text())
@@ -97,8 +96,6 @@ def test_scan_benchmark_smoke(tmp_path):
 
 @measured_backend
 def test_scan_benchmark_refuses_a_scan_that_misses_the_oracle(tmp_path, capsys):
-    from benchmarks import scan
-
     def plain_cumsum(scores, values):
         # Sums instead of softmax-weighted means.
         return keras.ops.cumsum(values, axis=1), None
@@ -111,8 +108,6 @@ def test_scan_benchmark_refuses_a_scan_that_misses_the_oracle(tmp_path, capsys):
 
 @measured_backend
 def test_memory_benchmark_smoke(tmp_path):
-    from benchmarks import memory
-
     args = ["--lengths", "8", "--batch", "2", "--only", "aaren", "--processes", "2"]
     assert memory.main([*args, "--output-dir", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "memory.json").read_text())
@@ -139,8 +134,6 @@ def test_memory_benchmark_smoke(tmp_path):
 
 @tensorflow_only
 def test_memory_benchmark_smoke_under_xla(tmp_path):
-    from benchmarks import memory
-
     args = ["--lengths", "8", "--batch", "2", "--only", "aaren", "--processes", "1", "--xla"]
     assert memory.main([*args, "--output-dir", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "memory.json").read_text())
@@ -150,8 +143,6 @@ def test_memory_benchmark_smoke_under_xla(tmp_path):
 
 @tensorflow_only
 def test_memory_benchmark_stops_a_child_past_the_cap(tmp_path):
-    from benchmarks import memory
-
     # Tracing the step alone grows the child by far more than 1 MiB.
     args = ["--lengths", "8", "--batch", "2", "--only", "aaren", "--cap-gib", str(2**-10)]
     assert memory.main([*args, "--output-dir", str(tmp_path)]) == 0
@@ -172,15 +163,11 @@ def test_benchmarks_refuse_xla_on_jax(module, capsys):
 
 
 def test_growth_per_doubling_pairs_each_length_with_its_double():
-    from benchmarks import memory
-
     assert memory.growth_per_doubling({1024: 10.0, 2048: 21.0, 4096: 40.0, 3000: 1.0}) == 2.1
     assert memory.growth_per_doubling({1024: 10.0, 4096: 40.0}) is None
 
 
 def test_a_failed_child_reports_its_exception_not_a_traceback_line():
-    from benchmarks import memory
-
     # What a child that Keras' traceback filter wraps writes: the exception, then more frames,
     # one of them in Keras' `error_handler`.
     stderr = [
@@ -198,8 +185,6 @@ def test_a_failed_child_reports_its_exception_not_a_traceback_line():
 def test_tensorflow_peak_counts_freed_temporaries():
     import tensorflow as tf
 
-    from benchmarks import memory
-
     @tf.function
     def step(x):
         # A (1024, 1024) float32 temporary, 4 MiB, that is freed before the step returns.
@@ -216,8 +201,6 @@ TINY_STREAM = ["--tokens", "40", "--window", "8", "--width", "8", "--heads", "2"
 
 @tensorflow_only
 def test_streaming_benchmark_smoke(tmp_path):
-    from benchmarks import streaming
-
     assert streaming.main([*TINY_STREAM, "--output-dir", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "streaming.json").read_text())
     errors = record["protocol"]["stepping_errors"]
@@ -234,9 +217,6 @@ def test_streaming_benchmark_smoke(tmp_path):
 
 @tensorflow_only
 def test_streaming_benchmark_refuses_a_step_that_misses_the_whole_sequence(tmp_path, capsys):
-    from benchmarks import streaming
-    from keras_aaren.streaming import make_step_function
-
     def off_by_one(model, batch_size, jit_compile=None):
         step = make_step_function(model, batch_size, jit_compile=jit_compile)
 
@@ -257,8 +237,6 @@ def test_streaming_benchmark_refuses_a_step_that_misses_the_whole_sequence(tmp_p
 
 @tensorflow_only
 def test_streaming_timing_leaves_the_stream_alone():
-    from benchmarks import streaming
-
     def values(states):
         return [keras.ops.convert_to_numpy(s) for s in states]
 
