@@ -388,9 +388,10 @@ def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=
     """`{contender: {T: value}}` as one log-log line per contender, saved to `path`.
 
     Values of 0 or less have no place on a log scale and are left out (a step's memory can
-    read 0 when its buffers are smaller than the allocator's granularity). `lower_bounds`, of the same structure, are values known only to be exceeded: drawn as
-    upward triangles in the contender's colour, unconnected. `ranges`, `{contender: {T: (low,
-    high)}}`, are drawn as vertical bars in the contender's colour.
+    read 0 when its buffers are smaller than the allocator's granularity). `lower_bounds`, of
+    the same structure, are values known only to be exceeded: drawn as upward triangles in the
+    contender's colour, unconnected. `ranges`, `{contender: {T: (low, high)}}`, are drawn as
+    vertical bars in the contender's colour.
     """
     plt = pyplot()
     lower_bounds = lower_bounds or {}
