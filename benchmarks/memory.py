@@ -1,6 +1,6 @@
 """Peak memory of one forward+backward step: Aaren against the layers a user would pick instead.
 
-Run (the defaults are the issue's protocol: batch 8, width 64, 4 heads of 16, float32; Linux):
+Run (defaults: batch 8, width 64, 4 heads of 16, float32; Linux):
 
     python -m benchmarks.memory                                  # T = 1024 ... 16384
     python -m benchmarks.memory --lengths 1024 2048 --only aaren lstm
@@ -8,27 +8,24 @@ Run (the defaults are the issue's protocol: batch 8, width 64, 4 heads of 16, fl
     KERAS_BACKEND=jax python -m benchmarks.memory     # on a GPU: the device's allocator
 
 Each (contender, length) runs in `--processes` (3) fresh processes: each builds the layer and the
-input, runs the compiled training step of `benchmarks.layers` once (tracing and compiling it),
-then runs it again and reports the working memory of one step, without the compiler's. The
-figure is the median over the processes, reported with the least and the most of any step:
-under a plain `tf.function`, the order in which TensorFlow's executor runs independent ops
-decides how many large buffers are live at once, and it differs from process to process (Aaren
-at T = 16384: 258.3 to 352.3 MiB). `--xla` compiles the whole step with XLA, whose buffer plan
-is the same in every process.
+input, runs the compiled training step that `benchmarks.layers` times once (tracing and
+compiling it), then runs it again and reports the working memory of one step, without the
+compiler's. The figure is the median over the processes, reported with the least and the most
+of any step: under a plain `tf.function`, the order in which TensorFlow's executor runs
+independent ops decides how many large buffers are live at once, and it differs from process to
+process. `--xla` compiles the whole step with XLA, whose buffer plan is the same in every
+process.
 
 On TensorFlow that is the peak of the bytes its CPU allocator has in use during a call, above
 those in use before it (`tf.config.experimental.get_memory_info`, reset before the call): every
 tensor the step allocates, the temporaries of its XLA kernels included (buffers of a few KiB may
-not show: a (2, 8, 64) step's came to 0). A process's figure is the median over its second to
-sixth calls; within a process the executor mostly repeats its order, but not always. The peak
-resident memory over the second call, above what the process held just before it (the kernel's
-peak-resident counter, reset with `/proc/self/clear_refs`), is reported beside it. That was the
-measure before session 12, and it depends on the host: it follows what is live only where
-`malloc` gives freed buffers back to the system (the process runs with a fixed
-`MALLOC_MMAP_THRESHOLD_` for that). On session 12's machine TensorFlow kept the memory its first
-call had used, and the second call grew the process by 3.9 MiB for causal attention at
-T = 2048, whose step has 1557 MiB in use at its peak. On JAX on a CPU, the resident measure is
-the one reported.
+not show). A process's figure is the median over its second to sixth calls; within a process the
+executor mostly repeats its order, but not always. The peak resident memory over the second
+call, above what the process held just before it (the kernel's peak-resident counter, reset with
+`/proc/self/clear_refs`), is recorded beside it. The resident measure depends on the host: it
+follows what is live only where `malloc` gives freed buffers back to the system (the children
+run with a fixed `MALLOC_MMAP_THRESHOLD_` for that), and reads near 0 where `malloc` keeps them.
+On JAX on a CPU, the resident measure is the one reported.
 
 On an accelerator (JAX on a GPU), the step's memory is the device's, read from JAX's allocator
 statistics: the peak bytes in use during the first two calls above what was in use before them.
@@ -40,10 +37,13 @@ the parent and the children run with `XLA_PYTHON_CLIENT_PREALLOCATE=false`: by d
 a quarter of the card.
 
 A contender that does not fit is measured too, as a lower bound: the parent watches each child's
-resident size and stops it once it has grown by `--cap-gib` above what it held before its first
-call (default 10 GiB, safe on a 24 GiB machine). Causal attention at T = 8192 ends that way; the
-record then says the first call needed more than the cap. The first call also traces the step,
-so every measured child reports its first call's growth too, for comparison. Results go to
+resident size and stops it once it has grown by `--cap-gib` (default 10) above what it held
+before its first call; the record then says the first call needed more than the cap. The first
+call also traces the step, so every measured child reports its first call's growth too, for
+comparison.
+
+It refuses to report (exit status 1) if a measured contender that computes Aaren's attention
+does not match the naive softmax oracle on a small case first. Results go to
 `<output-dir>/memory.json` and `<output-dir>/memory.png`.
 """
 
@@ -59,37 +59,26 @@ import time
 
 import keras
 
-from benchmarks.layers import (
-    check_correctness,
+from benchmarks.common import (
+    CONTENDERS,
     compile_mode,
-    contenders,
     device,
     machine,
+    oracle_error,
     plot_against_length,
+    refuse_if_wrong,
     refuse_xla_off_tensorflow,
+    require_backend,
+    status_bytes,
     train_step_on,
+    write_json,
 )
 
-CONTENDERS = ("aaren", "tfp_style", "mha_causal", "lstm")
+MEASURED = ("aaren", "tfp_style", "mha_causal", "lstm")
 # The line of a traceback that names the exception: "module.SomeError: message".
 EXCEPTION_LINE = re.compile(r"\s*[\w.]+(Error|Exception): ")
 # Steps whose TensorFlow allocator peaks a child reports the median of.
 TF_STEPS = 5
-
-
-def status_bytes(field, pid="self"):
-    """A memory field of /proc/<pid>/status (Linux), such as VmRSS or VmHWM, in bytes.
-
-    None once the process has exited: its file is gone, or, before it is reaped, lists no memory.
-    """
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return 1024 * int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return None
 
 
 def reset_peak():
@@ -98,7 +87,7 @@ def reset_peak():
 
     The baseline is read from the counter itself, after the reset: a resident size read before
     it can exceed the counter's start when another thread frees memory in between, and the
-    growth then came out negative (-20 KiB in one CI run)."""
+    growth would come out negative."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return status_bytes("VmHWM")
@@ -138,8 +127,8 @@ def measure(name, steps, batch, heads, key_dim, xla=False):
     (XLA's temporaries and outputs for the compiled step). `xla` compiles TensorFlow's whole
     step with XLA.
     """
-    make_layer = contenders(heads, key_dim, heads * key_dim)[name]
-    run = train_step_on(make_layer, batch, steps, heads * key_dim, xla)
+    layer = CONTENDERS[name].build(heads, key_dim)
+    run = train_step_on(layer, batch, steps, heads * key_dim, xla)
     start = status_bytes("VmRSS")
     print(f"start {start}", flush=True)
     record = {}
@@ -166,8 +155,8 @@ def measure(name, steps, batch, heads, key_dim, xla=False):
     if keras.backend.backend() == "tensorflow":
         peaks = [tensorflow_peak(run)]
         resident = status_bytes("VmHWM") - before
-        # The peak depends on the order in which the executor's threads run the step's ops: at
-        # T = 16384 Aaren's was 258.3 to 352.3 MiB, mostly the same from step to step of a process.
+        # The peak depends on the order in which the executor's threads run the step's ops,
+        # mostly the same from step to step of a process: hence several steps.
         peaks += [tensorflow_peak(run) for _ in range(TF_STEPS - 1)]
         return record | {
             "memory": "allocator",
@@ -213,6 +202,53 @@ def run_child(command, env, cap):
     return "measured", json.loads(output.strip().splitlines()[-1])
 
 
+def measure_in_children(command, processes, env, cap, label):
+    """Run `command` in `processes` children, one after the other, as `run_child` does, and
+    print each measured child's line, after `label`, as it ends.
+
+    Returns `("measured", [record of each child])`, or the first child's `("over_cap", cap)` or
+    `("failed", message)`: the children that would follow it run the same step.
+    """
+    measured = []
+    for _ in range(processes):
+        outcome, value = run_child(command, env, cap)
+        if outcome != "measured":
+            return outcome, value
+        print(f"{label} {describe(value)}", flush=True)
+        measured.append(value)
+    return "measured", measured
+
+
+def describe(child):
+    """One child's record as a line of the progress log, in MiB."""
+    extra = ""
+    if "planned" in child:
+        extra += f"; XLA's plan: {child['planned'] / 2**20:.1f} MiB"
+    if "resident_peak" in child:
+        extra += f"; resident: {child['resident_peak'] / 2**20:.1f} MiB"
+    steps_mib = ", ".join(f"{peak / 2**20:.1f}" for peak in child["peaks"])
+    return (
+        f"{child['peak'] / 2**20:10.1f} MiB {child['memory']} (steps: {steps_mib}; first call, "
+        f"tracing included: {child['first_call'] / 2**20:.1f} MiB{extra})"
+    )
+
+
+def summarise(measured):
+    """The children's records of one (contender, length) as the figures reported: the median
+    peak, the least and the most peak of any step, and the medians of the other figures."""
+    every = [peak for child in measured for peak in child["peaks"]]
+    summary = {
+        "peak": statistics.median(child["peak"] for child in measured),
+        "least": min(every),
+        "most": max(every),
+        "first_call": statistics.median(child["first_call"] for child in measured),
+    }
+    for key in ("planned", "resident_peak"):
+        if key in measured[0]:
+            summary[key] = statistics.median(child[key] for child in measured)
+    return summary
+
+
 def growth_per_doubling(row):
     """The largest ratio of a length's figure to half that length's, or None without a pair."""
     lengths = sorted(row)
@@ -226,7 +262,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--key-dim", type=int, default=16)
-    parser.add_argument("--only", nargs="+", choices=CONTENDERS)
+    parser.add_argument("--only", nargs="+", choices=MEASURED)
     parser.add_argument(
         "--processes", type=int, default=3, help="fresh processes per contender and length"
     )
@@ -241,6 +277,7 @@ def main(argv=None):
         parser.error(f"--cap-gib must be positive. Received: {args.cap_gib}")
     if args.processes < 1:
         parser.error(f"--processes must be at least 1. Received: {args.processes}")
+    require_backend(parser, "memory")
     refuse_xla_off_tensorflow(parser, args.xla)
     if keras.backend.backend() == "jax":
         # JAX takes 75% of a GPU's memory the first time it uses it. This process only checks
@@ -251,15 +288,14 @@ def main(argv=None):
         print(json.dumps(measure(name, steps, args.batch, args.heads, args.key_dim, args.xla)))
         return 0
 
-    ok, error = check_correctness()
-    if not ok:
-        print(f"Aaren does not match its oracle (max error {error:.2e}): not reporting.")
+    names = args.only or MEASURED
+    errors = oracle_error({name: CONTENDERS[name] for name in names})
+    if refuse_if_wrong(errors):
         return 1
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TF_CPP_MIN_LOG_LEVEL="3")
     shape = ["--batch", str(args.batch), "--heads", str(args.heads)]
     shape += ["--key-dim", str(args.key_dim)] + (["--xla"] if args.xla else [])
     cap = int(args.cap_gib * 2**30)
-    names = args.only or CONTENDERS
     tables = ("peak", "least", "most", "first_call", "planned", "resident_peak")
     results = {table: {name: {} for name in names} for table in tables}
     children = {name: {} for name in names}
@@ -269,52 +305,26 @@ def main(argv=None):
     for steps in args.lengths:
         for name in names:
             command = [sys.executable, "-m", "benchmarks.memory", "--child", name, str(steps)]
-            measured = []
-            for _ in range(args.processes):
-                outcome, value = run_child([*command, *shape], env, cap)
-                if outcome == "over_cap":
-                    over_cap[name][steps] = value
-                    print(
-                        f"T={steps:6d} {name:12s} > {value / 2**20:8.0f} MiB (stopped)", flush=True
-                    )
-                    break
-                if outcome == "failed":
-                    failed[name][steps] = value
-                    print(f"T={steps:6d} {name:12s} failed: {value}", flush=True)
-                    break
-                measured.append(value)
-                kinds.add(value["memory"])
-                extra = ""
-                if "planned" in value:
-                    extra += f"; XLA's plan: {value['planned'] / 2**20:.1f} MiB"
-                if "resident_peak" in value:
-                    extra += f"; resident: {value['resident_peak'] / 2**20:.1f} MiB"
-                steps_mib = ", ".join(f"{peak / 2**20:.1f}" for peak in value["peaks"])
-                print(
-                    f"T={steps:6d} {name:12s} {value['peak'] / 2**20:10.1f} MiB {value['memory']} "
-                    f"(steps: {steps_mib}; first call, tracing included: "
-                    f"{value['first_call'] / 2**20:.1f} MiB{extra})",
-                    flush=True,
-                )
-            if len(measured) < args.processes:
+            label = f"T={steps:6d} {name:12s}"
+            outcome, value = measure_in_children(
+                [*command, *shape], args.processes, env, cap, label
+            )
+            if outcome == "over_cap":
+                over_cap[name][steps] = value
+                print(f"{label} > {value / 2**20:8.0f} MiB (stopped)", flush=True)
                 continue
-            children[name][steps] = measured
-            every = [peak for value in measured for peak in value["peaks"]]
-            summary = {
-                "peak": statistics.median(value["peak"] for value in measured),
-                "least": min(every),
-                "most": max(every),
-                "first_call": statistics.median(value["first_call"] for value in measured),
-            }
-            for key in ("planned", "resident_peak"):
-                if key in measured[0]:
-                    summary[key] = statistics.median(value[key] for value in measured)
-            for key, figure in summary.items():
+            if outcome == "failed":
+                failed[name][steps] = value
+                print(f"{label} failed: {value}", flush=True)
+                continue
+            children[name][steps] = value
+            kinds.update(child["memory"] for child in value)
+            for key, figure in summarise(value).items():
                 results[key][name][steps] = figure
 
     print(
         f"\npeak working memory of one forward+backward step (MiB, {', '.join(sorted(kinds))}, "
-        f"{compile_mode(args)}): the median over {args.processes} processes "
+        f"{compile_mode(args.xla)}): the median over {args.processes} processes "
         "[the least and the most of any step]"
     )
     for name in names:
@@ -333,12 +343,12 @@ def main(argv=None):
             )
         print(f"{name:12s} " + ", ".join(cells) + worst)
 
-    os.makedirs(args.output_dir, exist_ok=True)
     record = {
         "protocol": {k: v for k, v in vars(args).items() if k != "child"}
-        | {"memory": sorted(kinds), "compilation": compile_mode(args)},
+        | {"memory": sorted(kinds), "compilation": compile_mode(args.xla)},
         "machine": machine(),
-        "oracle_max_error": error,
+        "oracle_max_error": max(errors.values(), default=0.0),
+        "oracle_errors": errors,
         "peak_bytes": results["peak"],
         "least_peak_bytes": results["least"],
         "most_peak_bytes": results["most"],
@@ -349,8 +359,7 @@ def main(argv=None):
         "over_cap_bytes": over_cap,
         "failed": failed,
     }
-    with open(os.path.join(args.output_dir, "memory.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(record, args.output_dir, "memory.json", indent=2)
     plot(results, over_cap, args, os.path.join(args.output_dir, "memory.png"))
     print(f"wrote {args.output_dir}/memory.json and memory.png")
     return 0
@@ -366,7 +375,7 @@ def plot(results, over_cap, args, path):
         path,
         "peak working memory, MiB",
         f"One layer, forward+backward, batch {args.batch}, width {args.heads * args.key_dim}, "
-        f"{compile_mode(args)} ({device()})",
+        f"{compile_mode(args.xla)} ({device()})",
         lower_bounds=mib(over_cap),
         ranges={name: {t: (least[name][t], most[name][t]) for t in least[name]} for name in least},
     )

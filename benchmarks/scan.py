@@ -1,6 +1,6 @@
-"""The scan against the memory floor: `aaren_scan` forward beside one `tf.math.cumsum`.
+"""The scan against the memory floor: `aaren_scan` forward beside one cumulative sum.
 
-Run (the defaults are the issue's protocol: values of shape (8, T, 4, 16), float32):
+Run (defaults: values of shape (8, T, 4, 16), float32):
 
     python -m benchmarks.scan                          # T = 1024 ... 16384
     python -m benchmarks.scan --lengths 4096 --repeats 5
@@ -11,43 +11,45 @@ reduction over them can cost. Each is timed from two callers, alike for both:
 
 * TensorFlow: a caller's `tf.function` without XLA (`aaren_scan` then runs its own
   XLA-compiled kernel, as it does for an eager call) and one with `jit_compile=True` (the scan
-  is compiled inline with its caller);
+  is compiled inline with its caller); the cumulative sum is `tf.math.cumsum`;
 * JAX: an eager call (`aaren_scan` then runs as its own `jax.jit` program, `jnp.cumsum` as one
   compiled op) and a caller's `jax.jit`. Each call waits for the device to finish.
 
-The table reports medians of `--repeats` runs and the ratio scan / cumsum, measured in the same
-run, and each call's median count of minor page faults (fresh memory the OS had to hand over,
-see `docs/benchmarks.md`). It also reports each one's effective bandwidth: the least traffic it
+The table reports medians of `--repeats` calls and the ratio scan / cumsum, and each call's
+median count of minor page faults (fresh memory the OS had to hand over, see
+`docs/benchmarks.md`). It also reports each one's effective bandwidth: the least traffic it
 needs (the cumsum reads and writes the values; the scan reads the scores and the values and
-writes its output) divided by its time, to set beside the memory bandwidth of the device. It
-refuses to report if the scan does not match the naive softmax oracle first. Results go to
-`<output-dir>/scan.json`.
+writes its output) divided by its time, to set beside the memory bandwidth of the device.
+
+It refuses to report (exit status 1) if the scan does not match the naive softmax oracle first.
+Results go to `<output-dir>/scan.json`.
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 
 import keras
 import numpy as np
 
-from benchmarks.layers import BACKENDS, machine, timed
-from keras_aaren.ops import aaren_attention_naive, aaren_scan
+from benchmarks.common import machine, refuse_if_wrong, require_backend, timed, write_json
+from keras_aaren.ops import aaren_attention_naive, aaren_scan, full_precision_matmuls
 
 
-def check_correctness():
+def oracle_error(scan):
+    """The largest difference between `scan`'s attended values and the naive oracle's, on
+    scores spread wide enough (standard deviation 5) that a prefix without a running max would
+    lose precision."""
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(2, 300, 4)) * 5.0
     values = rng.normal(size=(2, 300, 4, 16))
     expected, _ = aaren_attention_naive(scores, values)
-    got, _ = aaren_scan(scores.astype("float32"), values.astype("float32"))
-    error = float(np.abs(keras.ops.convert_to_numpy(got) - np.asarray(expected)).max())
-    return error < 1e-4, error
+    with full_precision_matmuls():
+        got, _ = scan(scores.astype("float32"), values.astype("float32"))
+    return float(np.abs(keras.ops.convert_to_numpy(got) - np.asarray(expected)).max())
 
 
-def callers():
+def callers(scan):
     """`[(caller, cumsum, scan)]`: the two ways each is called on this backend."""
     if keras.backend.backend() == "jax":
         import jax
@@ -56,17 +58,17 @@ def callers():
         def cumsum(v):
             return jnp.cumsum(v, axis=1)
 
-        def scan(s, v):
-            return aaren_scan(s, v)[0]
+        def attended(s, v):
+            return scan(s, v)[0]
 
-        return [("eager", cumsum, scan), ("jax.jit", jax.jit(cumsum), jax.jit(scan))]
+        return [("eager", cumsum, attended), ("jax.jit", jax.jit(cumsum), jax.jit(attended))]
     import tensorflow as tf
 
     return [
         (
             "tf.function(jit_compile=True)" if xla else "tf.function",
             tf.function(lambda v: tf.math.cumsum(v, axis=1), jit_compile=xla),
-            tf.function(lambda s, v: aaren_scan(s, v)[0], jit_compile=xla),
+            tf.function(lambda s, v: scan(s, v)[0], jit_compile=xla),
         )
         for xla in (False, True)
     ]
@@ -87,7 +89,15 @@ def median_ms(fn, args, repeats):
     return tuple(statistics.median(column) for column in zip(*samples))
 
 
-def main(argv=None):
+def main(argv=None, scan=aaren_scan):
+    """Run the benchmark; return the exit status (1 when it refuses to report).
+
+    Args:
+        argv: command-line arguments, `sys.argv[1:]` by default.
+        scan: the scan measured, `(scores, values) -> (attended, state)` as
+            `keras_aaren.ops.aaren_scan` (the default); another implementation is measured
+            against the same floor by passing it here.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--batch", type=int, default=8)
@@ -96,13 +106,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
-    backend = keras.backend.backend()
-    if backend not in BACKENDS:
-        sys.exit(f"benchmarks.scan measures {' or '.join(BACKENDS)}. Received: {backend}")
+    require_backend(parser, "scan")
 
-    ok, error = check_correctness()
-    if not ok:
-        print(f"aaren_scan does not match its oracle (max error {error:.2e}): not reporting.")
+    error = oracle_error(scan)
+    if refuse_if_wrong({"the scan": error}):
         return 1
     results = []
     for steps in args.lengths:
@@ -111,9 +118,9 @@ def main(argv=None):
         # float32: 4 bytes an element.
         score_bytes, value_bytes = (4 * int(np.prod(t.shape)) for t in (scores, values))
         least_bytes = {"cumsum": 2 * value_bytes, "scan": score_bytes + 2 * value_bytes}
-        for caller, cumsum, scan in callers():
+        for caller, cumsum_fn, scan_fn in callers(scan):
             row = {"T": steps, "caller": caller}
-            pairs = (("cumsum", cumsum, (values,)), ("scan", scan, (scores, values)))
+            pairs = (("cumsum", cumsum_fn, (values,)), ("scan", scan_fn, (scores, values)))
             for name, fn, inputs in pairs:
                 row[f"{name}_ms"], row[f"{name}_page_faults"] = median_ms(fn, inputs, args.repeats)
                 row[f"{name}_gb_per_s"] = least_bytes[name] / row[f"{name}_ms"] / 1e6
@@ -126,14 +133,12 @@ def main(argv=None):
                 f"page faults {row['cumsum_page_faults']:.0f} / {row['scan_page_faults']:.0f}",
                 flush=True,
             )
-    os.makedirs(args.output_dir, exist_ok=True)
     record = {
         "protocol": vars(args) | {"oracle_max_error": error},
         "machine": machine(),
         "results": results,
     }
-    with open(os.path.join(args.output_dir, "scan.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(record, args.output_dir, "scan.json", indent=2)
     print(f"wrote {args.output_dir}/scan.json")
     return 0
 

@@ -1,6 +1,6 @@
 """Serving one token at a time: Aaren blocks against a KV-cache Transformer and an LSTM stack.
 
-Run (the defaults are the issue's protocol: 4 layers of width 64, 4 heads of 16, one stream):
+Run (defaults: 4 layers of width 64, 4 heads of 16, one stream; TensorFlow):
 
     python -m benchmarks.streaming                       # 16384 tokens
     python -m benchmarks.streaming --tokens 2048         # a quick look
@@ -25,12 +25,13 @@ state before token 16 and before the last token are kept, and after the stream e
 steps from each of them in turns: `--rounds` rounds of `--window` calls, each round starting
 one (model, position) further along, as `benchmarks.layers` times its contenders. This
 reproduces the efficiency figure of Feng et al. (memory and cumulative time against tokens).
-Before timing it checks that stepping the Aaren model reproduces the parallel model; it refuses
-to report if not. Results go to `<output-dir>/streaming.json` and `<output-dir>/streaming.png`.
+
+It refuses to report (exit status 1) unless, on a short sequence, stepping each model
+reproduces the same model run over the whole sequence at once. Results go to
+`<output-dir>/streaming.json` and `<output-dir>/streaming.png`.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,16 +40,26 @@ import time
 import keras
 import numpy as np
 
-from benchmarks.layers import in_turns, machine
-from benchmarks.memory import status_bytes
+from benchmarks.common import (
+    in_turns,
+    machine,
+    pyplot,
+    refuse_if_wrong,
+    require_backend,
+    status_bytes,
+    write_json,
+)
 from keras_aaren import AarenBlock
 from keras_aaren.streaming import make_step_function
 
 # The token (counted from 1) whose latency stands for the start of the stream.
 START = 16
+# The Keras models served through a step function, by name.
+KERAS_MODELS = ("aaren", "lstm")
 
 
 def sequence_model(kind, width, heads, depth):
+    """`depth` layers of `kind` (`"aaren"`: `AarenBlock`s; `"lstm"`) over `(B, T, width)`."""
     layers = [keras.Input((None, width))]
     for _ in range(depth):
         if kind == "aaren":
@@ -61,8 +72,8 @@ def sequence_model(kind, width, heads, depth):
 class KerasStream:
     """A Keras model served one token per call through `make_step_function`."""
 
-    def __init__(self, model, jit_compile=None):
-        self.step = make_step_function(model, batch_size=1, jit_compile=jit_compile)
+    def __init__(self, model, jit_compile=None, step_function=make_step_function):
+        self.step = step_function(model, batch_size=1, jit_compile=jit_compile)
         self.reset()
 
     def reset(self):
@@ -109,7 +120,7 @@ class KVCacheTransformer:
         ]
         # The cache is allocated once at its capacity; a token at position t reads only the
         # first t + 1 entries, as a growing cache would. One variable per layer and per keys or
-        # values: a write into a variable that an earlier read still aliases copies all of it.
+        # values: a write into a variable that a pending read still aliases copies all of it.
         self.cache = [
             [tf.Variable(tf.zeros((capacity, heads, width // heads))) for _ in range(2)]
             for _ in range(depth)
@@ -142,6 +153,26 @@ class KVCacheTransformer:
         self.step(x).numpy()
         return time.perf_counter() - start
 
+    def parallel(self, x):
+        """The blocks over a whole `(T, width)` sequence at once, with a causal mask."""
+        import tensorflow as tf
+
+        heads, dim = self.heads, self.width // self.heads
+        steps = tf.shape(x)[0]
+        causal = tf.linalg.band_part(tf.ones((steps, steps), tf.bool), -1, 0)  # (T, T)
+        for block in self.blocks:
+            q, k, v = (
+                tf.reshape(t, (steps, heads, dim))
+                for t in tf.split(tf.matmul(x, block["qkv"]), 3, axis=-1)
+            )
+            logits = tf.einsum("shd,thd->hst", q, k) / dim**0.5
+            logits = tf.where(causal, logits, tf.float32.min)
+            attended = tf.einsum("hst,thd->shd", tf.nn.softmax(logits, axis=-1), v)
+            x = _layer_norm(x + tf.matmul(tf.reshape(attended, (steps, -1)), block["out"]))
+            ffn = tf.matmul(tf.nn.relu(tf.matmul(x, block["ffn_in"])), block["ffn_out"])
+            x = _layer_norm(x + ffn)
+        return x
+
     def _step(self, x):
         import tensorflow as tf
 
@@ -170,17 +201,24 @@ def _layer_norm(x):
     return (x - mean) * tf.math.rsqrt(variance + 1e-5)
 
 
-def check_correctness(width, heads):
-    model = sequence_model("aaren", width, heads, depth=2)
-    x = np.random.default_rng(0).normal(size=(1, 40, width)).astype("float32")
-    step = make_step_function(model, batch_size=1)
-    states = step.initial_states()
-    stepped = []
-    for t in range(x.shape[1]):
-        y, states = step(x[:, t], states)
-        stepped.append(keras.ops.convert_to_numpy(y))
-    error = float(np.abs(np.stack(stepped, axis=1) - keras.ops.convert_to_numpy(model(x))).max())
-    return error < 1e-4, error
+def stepping_errors(width, heads, step_function=make_step_function, tokens=40):
+    """How far stepping each model one token at a time is from running it over the whole
+    sequence at once, on `tokens` random tokens: `{name: max absolute difference}`.
+
+    The Keras models (two layers each) are stepped through `step_function`; the KV-cache
+    Transformer is compared with its own causal attention over the sequence, same weights.
+    """
+    x = np.random.default_rng(0).normal(size=(1, tokens, width)).astype("float32")
+    errors = {}
+    for kind in KERAS_MODELS:
+        model = sequence_model(kind, width, heads, depth=2)
+        run = KerasStream(model, step_function=step_function)
+        stepped = np.stack([run(x[:, t]) for t in range(tokens)], axis=1)
+        errors[kind] = float(np.abs(stepped - keras.ops.convert_to_numpy(model(x))).max())
+    transformer = KVCacheTransformer(width, heads, depth=2, capacity=tokens)
+    stepped = np.concatenate([transformer(x[:, t]) for t in range(tokens)])
+    errors["transformer_kv"] = float(np.abs(stepped - transformer.parallel(x[0]).numpy()).max())
+    return errors
 
 
 def stream(run, tokens, width, keep_at, seed=0):
@@ -210,7 +248,14 @@ def latencies_at(runners, snapshots, width, rounds, calls, seed=1):
     return {key: statistics.median(times) for key, times in samples.items()}
 
 
-def main(argv=None):
+def main(argv=None, step_function=make_step_function):
+    """Run the benchmark; return the exit status (1 when it refuses to report).
+
+    Args:
+        argv: command-line arguments, `sys.argv[1:]` by default.
+        step_function: serves a Keras model one token per call, with the signature and result
+            of `keras_aaren.streaming.make_step_function` (the default).
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--width", type=int, default=64)
@@ -228,18 +273,19 @@ def main(argv=None):
             parser.error(f"--{name} must be at least 1. Received: {getattr(args, name)}")
     if args.tokens <= START:
         parser.error(f"--tokens must be more than {START}. Received: {args.tokens}")
-    if keras.backend.backend() != "tensorflow":
-        sys.exit("benchmarks.streaming measures the TensorFlow backend")
-    ok, error = check_correctness(args.width, args.heads)
-    if not ok:
-        print(f"stepping does not reproduce the parallel model ({error:.2e}): not reporting.")
+    # Its KV-cache Transformer is written in TensorFlow.
+    require_backend(parser, "streaming", ("tensorflow",))
+    errors = stepping_errors(args.width, args.heads, step_function)
+    if refuse_if_wrong(errors, "its whole-sequence run when stepped"):
         return 1
 
     runners = {
         kind: KerasStream(
-            sequence_model(kind, args.width, args.heads, args.depth), jit_compile=args.xla or None
+            sequence_model(kind, args.width, args.heads, args.depth),
+            jit_compile=args.xla or None,
+            step_function=step_function,
         )
-        for kind in ("aaren", "lstm")
+        for kind in KERAS_MODELS
     }
     runners["transformer_kv"] = KVCacheTransformer(
         args.width, args.heads, args.depth, capacity=args.tokens
@@ -276,27 +322,20 @@ def main(argv=None):
     ratio = results["aaren"]["p50_end_ms"] / results["lstm"]["p50_end_ms"]
     print(f"aaren / lstm per-token latency at the end: {ratio:.2f}x")
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "streaming.json"), "w") as f:
-        json.dump(
-            {
-                "protocol": vars(args) | {"stepping_max_error": error},
-                "machine": machine(),
-                "results": results,
-            },
-            f,
-        )
+    record = {
+        "protocol": vars(args)
+        | {"stepping_max_error": max(errors.values()), "stepping_errors": errors},
+        "machine": machine(),
+        "results": results,
+    }
+    write_json(record, args.output_dir, "streaming.json")
     plot(results, runners, args, os.path.join(args.output_dir, "streaming.png"))
     print(f"wrote {args.output_dir}/streaming.json and streaming.png")
     return 0
 
 
 def plot(results, runners, args, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tokens = np.arange(1, args.tokens + 1)
     fig, (memory, elapsed) = plt.subplots(1, 2, figsize=(10, 4))
     for name, row in results.items():

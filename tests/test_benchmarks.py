@@ -1,71 +1,74 @@
-"""The benchmark modules run end to end on tiny sizes (a smoke test; no timing is asserted)."""
+"""The benchmark modules run end to end on tiny sizes, write their records, and refuse to report
+a wrong result (a smoke test; no timing is asserted)."""
 
+import importlib
 import json
+import os
+import sys
 
 import keras
 import numpy as np
 import pytest
 
-from benchmarks import layers
+from benchmarks import common, layers, memory, scan, streaming
 from keras_aaren.ops import aaren_attention_naive
+from keras_aaren.streaming import make_step_function
 
+BACKEND = keras.backend.backend()
 measured_backend = pytest.mark.skipif(
-    keras.backend.backend() not in layers.BACKENDS,
-    reason=f"the benchmarks measure {' and '.join(layers.BACKENDS)}",
+    BACKEND not in common.BACKENDS,
+    reason=f"the benchmarks measure {' and '.join(common.BACKENDS)}",
 )
+tensorflow_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="measures TensorFlow only")
+
+TINY_LAYER = ["--lengths", "8", "--repeats", "1", "--batch", "2", "--heads", "2", "--key-dim", "4"]
 
 
 @measured_backend
-def test_layers_benchmark_smoke(tmp_path):
-    status = layers.main(
-        [
-            "--lengths",
-            "8",
-            "--repeats",
-            "1",
-            "--batch",
-            "2",
-            "--heads",
-            "2",
-            "--key-dim",
-            "4",
-            "--only",
-            "aaren",
-            "tfp_style",
-            "mha_causal",
-            "--output-dir",
-            str(tmp_path),
-        ]
-    )
-    assert status == 0
+def test_layers_benchmark_times_its_default_contenders(tmp_path):
+    assert layers.main([*TINY_LAYER, "--output-dir", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "layers.json").read_text())
-    assert set(record["median_ms"]) == {"aaren", "tfp_style", "mha_causal"}
+    defaults = {"aaren", "aaren_associative", "tfp_style", "mha_causal", "rnn_cell", "lstm"}
+    assert set(record["median_ms"]) == defaults
     # One round of turns: one sample per contender, and the median is that sample.
     for name, row in record["samples_ms"].items():
         assert row["8"] == [record["median_ms"][name]["8"]]
-    assert set(record["page_faults_per_step"]) == {"aaren", "tfp_style", "mha_causal"}
+    assert set(record["page_faults_per_step"]) == defaults
     assert "TF_CPU_ALLOCATOR_USE_BFC" in record["machine"]["allocator"]
-    assert record["protocol"]["oracle_max_error"] < 1e-4
+    # Every contender that computes Aaren's attention was checked against the naive oracle.
+    errors = record["protocol"]["oracle_errors"]
+    assert set(errors) == {"aaren", "aaren_associative", "tfp_style", "rnn_cell"}
+    assert max(errors.values()) == record["protocol"]["oracle_max_error"] < 1e-4
     assert (tmp_path / "layers.png").stat().st_size > 0
 
 
 @measured_backend
-def test_layers_benchmark_runs_its_references_only_when_named(tmp_path):
-    args = ["--lengths", "8", "--repeats", "1", "--batch", "2", "--heads", "2", "--key-dim", "4"]
-    only = ["--only", "aaren", *layers.REFERENCES]
-    assert layers.main([*args, *only, "--output-dir", str(tmp_path)]) == 0
+def test_layers_benchmark_runs_its_references_when_named(tmp_path):
+    only = ["--only", "aaren", "projections_only", "cumsum_prefix"]
+    assert layers.main([*TINY_LAYER, *only, "--output-dir", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "layers.json").read_text())
-    assert set(record["median_ms"]) == {"aaren", *layers.REFERENCES}
-    defaults = layers.main([*args, "--output-dir", str(tmp_path)])
-    assert defaults == 0
-    record = json.loads((tmp_path / "layers.json").read_text())
-    assert set(record["median_ms"]) == set(layers.CONTENDERS) - set(layers.REFERENCES)
+    assert set(record["median_ms"]) == {"aaren", "projections_only", "cumsum_prefix"}
+    assert set(record["protocol"]["oracle_errors"]) == {"aaren", "cumsum_prefix"}
+
+
+@measured_backend
+def test_layers_benchmark_refuses_a_contender_that_misses_the_oracle(tmp_path, capsys):
+    # Aaren's projections around no prefix at all, declared to compute Aaren's attention.
+    wrong = common.Contender(
+        lambda h, k: common.ProjectedPrefix(h, k, common.no_prefix), exact=True
+    )
+    contenders = common.CONTENDERS | {"wrong": wrong}
+    only = ["--only", "aaren", "wrong"]
+    status = layers.main([*TINY_LAYER, *only, "--output-dir", str(tmp_path)], contenders)
+    assert status == 1
+    assert "wrong does not match the oracle" in capsys.readouterr().out
+    assert not (tmp_path / "layers.json").exists()
 
 
 @pytest.mark.parametrize(
-    "prefix", [layers.tfp_style_prefix, layers.cumsum_prefix], ids=["tfp_style", "cumsum"]
+    "prefix", [common.tfp_style_prefix, common.cumsum_prefix], ids=["tfp_style", "cumsum"]
 )
-def test_reference_prefixes_match_the_oracle(prefix):
+def test_baseline_prefixes_match_the_oracle(prefix):
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(2, 37, 3)) * 4.0
     values = rng.normal(size=(2, 37, 3, 5))
@@ -75,27 +78,14 @@ def test_reference_prefixes_match_the_oracle(prefix):
 
 
 @measured_backend
-def test_the_device_names_the_processor():
-    kind, _, name = layers.device().partition(": ")
-    assert kind in {"cpu", "gpu"} and name.strip()
-
-
-def test_every_contender_has_its_own_colour():
-    colours = [layers.colour(name) for name in layers.CONTENDERS]
-    assert len(set(colours)) == len(colours)
-
-
-@measured_backend
 def test_scan_benchmark_smoke(tmp_path):
-    from benchmarks import scan
-
     status = scan.main(["--lengths", "8", "--repeats", "1", "--output-dir", str(tmp_path)])
     assert status == 0
     record = json.loads((tmp_path / "scan.json").read_text())
     callers = {
         "tensorflow": ["tf.function", "tf.function(jit_compile=True)"],
         "jax": ["eager", "jax.jit"],
-    }[keras.backend.backend()]
+    }[BACKEND]
     assert [row["caller"] for row in record["results"]] == callers
     assert record["protocol"]["oracle_max_error"] < 1e-4
     assert all(row["scan_page_faults"] >= 0 for row in record["results"])
@@ -105,44 +95,45 @@ def test_scan_benchmark_smoke(tmp_path):
 
 
 @measured_backend
-def test_memory_benchmark_smoke(tmp_path):
-    from benchmarks import memory
+def test_scan_benchmark_refuses_a_scan_that_misses_the_oracle(tmp_path, capsys):
+    def plain_cumsum(scores, values):
+        # Sums instead of softmax-weighted means.
+        return keras.ops.cumsum(values, axis=1), None
 
-    args = ["--lengths", "8", "16", "--batch", "2", "--only", "aaren", "--processes", "2"]
-    status = memory.main([*args, "--output-dir", str(tmp_path)])
-    assert status == 0
+    args = ["--lengths", "8", "--repeats", "1", "--output-dir", str(tmp_path)]
+    assert scan.main(args, scan=plain_cumsum) == 1
+    assert "does not match the oracle" in capsys.readouterr().out
+    assert not (tmp_path / "scan.json").exists()
+
+
+@measured_backend
+def test_memory_benchmark_smoke(tmp_path):
+    args = ["--lengths", "8", "--batch", "2", "--only", "aaren", "--processes", "2"]
+    assert memory.main([*args, "--output-dir", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "memory.json").read_text())
-    for steps in ("8", "16"):
-        children = record["children"]["aaren"][steps]
-        assert len(children) == 2
-        every = [peak for child in children for peak in child["peaks"]]
-        least, most = (
-            record["least_peak_bytes"]["aaren"][steps],
-            record["most_peak_bytes"]["aaren"][steps],
-        )
-        assert (least, most) == (min(every), max(every))
-        assert 0 <= least <= record["peak_bytes"]["aaren"][steps] <= most
-    if keras.backend.backend() == "tensorflow":
+    assert record["oracle_errors"]["aaren"] == record["oracle_max_error"] < 1e-4
+    children = record["children"]["aaren"]["8"]
+    assert len(children) == 2
+    every = [peak for child in children for peak in child["peaks"]]
+    least, most = record["least_peak_bytes"]["aaren"]["8"], record["most_peak_bytes"]["aaren"]["8"]
+    assert (least, most) == (min(every), max(every))
+    assert 0 <= least <= record["peak_bytes"]["aaren"]["8"] <= most
+    if BACKEND == "tensorflow":
         assert record["protocol"]["memory"] == ["allocator"]
         assert record["protocol"]["compilation"] == "tf.function"
         assert len(children[0]["peaks"]) == memory.TF_STEPS
         assert record["resident_peak_bytes"]["aaren"]["8"] >= 0
+        assert record["planned_bytes"]["aaren"] == {}
     else:
         assert record["protocol"]["memory"] == ["resident"]
         assert record["protocol"]["compilation"] == "jax.jit"
-    # XLA's buffer plan exists on JAX only; it holds at least the input's gradient.
-    planned = record["planned_bytes"]["aaren"]
-    if keras.backend.backend() == "jax":
-        assert planned["8"] >= 2 * 8 * 4 * 4
-    else:
-        assert planned == {}
+        # XLA's buffer plan holds at least the input's (2, 8, 64) float32 gradient.
+        assert record["planned_bytes"]["aaren"]["8"] >= 2 * 8 * 64 * 4
     assert (tmp_path / "memory.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="--xla compiles TF's step")
+@tensorflow_only
 def test_memory_benchmark_smoke_under_xla(tmp_path):
-    from benchmarks import memory
-
     args = ["--lengths", "8", "--batch", "2", "--only", "aaren", "--processes", "1", "--xla"]
     assert memory.main([*args, "--output-dir", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "memory.json").read_text())
@@ -150,11 +141,20 @@ def test_memory_benchmark_smoke_under_xla(tmp_path):
     assert record["peak_bytes"]["aaren"]["8"] >= 0
 
 
-@pytest.mark.parametrize("module", ["layers", "memory"])
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="--xla is refused on JAX only")
-def test_benchmarks_refuse_xla_on_jax(module, capsys):
-    import importlib
+@tensorflow_only
+def test_memory_benchmark_stops_a_child_past_the_cap(tmp_path):
+    # Tracing the step alone grows the child by far more than 1 MiB.
+    args = ["--lengths", "8", "--batch", "2", "--only", "aaren", "--cap-gib", str(2**-10)]
+    assert memory.main([*args, "--output-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "memory.json").read_text())
+    assert record["over_cap_bytes"]["aaren"] == {"8": 2**20}
+    assert record["peak_bytes"]["aaren"] == {}
+    assert (tmp_path / "memory.png").stat().st_size > 0
 
+
+@pytest.mark.parametrize("module", ["layers", "memory"])
+@pytest.mark.skipif(BACKEND != "jax", reason="--xla is refused on JAX only")
+def test_benchmarks_refuse_xla_on_jax(module, capsys):
     main = importlib.import_module(f"benchmarks.{module}").main
     with pytest.raises(SystemExit) as exit_info:
         main(["--xla", "--lengths", "8"])
@@ -163,18 +163,11 @@ def test_benchmarks_refuse_xla_on_jax(module, capsys):
 
 
 def test_growth_per_doubling_pairs_each_length_with_its_double():
-    from benchmarks import memory
-
     assert memory.growth_per_doubling({1024: 10.0, 2048: 21.0, 4096: 40.0, 3000: 1.0}) == 2.1
     assert memory.growth_per_doubling({1024: 10.0, 4096: 40.0}) is None
 
 
 def test_a_failed_child_reports_its_exception_not_a_traceback_line():
-    import os
-    import sys
-
-    from benchmarks import memory
-
     # What a child that Keras' traceback filter wraps writes: the exception, then more frames,
     # one of them in Keras' `error_handler`.
     stderr = [
@@ -188,11 +181,9 @@ def test_a_failed_child_reports_its_exception_not_a_traceback_line():
     assert (outcome, message) == ("failed", "ValueError: the step does not compile")
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's allocator")
+@tensorflow_only
 def test_tensorflow_peak_counts_freed_temporaries():
     import tensorflow as tf
-
-    from benchmarks import memory
 
     @tf.function
     def step(x):
@@ -205,43 +196,47 @@ def test_tensorflow_peak_counts_freed_temporaries():
     assert 4 * 2**20 <= peak < 16 * 2**20
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
-def test_memory_benchmark_stops_a_child_past_the_cap(tmp_path):
-    from benchmarks import memory
-
-    # Tracing the step alone grows the child by far more than 1 MiB.
-    args = ["--lengths", "8", "--batch", "2", "--only", "aaren", "--cap-gib", str(2**-10)]
-    assert memory.main([*args, "--output-dir", str(tmp_path)]) == 0
-    record = json.loads((tmp_path / "memory.json").read_text())
-    assert record["over_cap_bytes"]["aaren"] == {"8": 2**20}
-    assert record["peak_bytes"]["aaren"] == {}
-    assert (tmp_path / "memory.png").stat().st_size > 0
+TINY_STREAM = ["--tokens", "40", "--window", "8", "--width", "8", "--heads", "2", "--depth", "2"]
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
+@tensorflow_only
 def test_streaming_benchmark_smoke(tmp_path):
-    from benchmarks import streaming
-
-    args = ["--tokens", "40", "--window", "8", "--width", "8", "--heads", "2", "--depth", "2"]
-    status = streaming.main([*args, "--output-dir", str(tmp_path)])
-    assert status == 0
+    assert streaming.main([*TINY_STREAM, "--output-dir", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "streaming.json").read_text())
+    errors = record["protocol"]["stepping_errors"]
+    assert set(errors) == {"aaren", "lstm", "transformer_kv"} and max(errors.values()) < 1e-4
     results = record["results"]
     assert set(results) == {"aaren", "lstm", "transformer_kv"}
     # The KV cache grows with the stream; the recurrent states do not.
-    assert (
-        results["transformer_kv"]["state_bytes_end"]
-        > results["transformer_kv"]["state_bytes_start"]
-    )
+    kv = results["transformer_kv"]
+    assert kv["state_bytes_end"] > kv["state_bytes_start"]
     assert results["aaren"]["state_bytes_end"] == results["aaren"]["state_bytes_start"]
     assert all(row["p50_start_ms"] > 0 and row["p50_end_ms"] > 0 for row in results.values())
     assert (tmp_path / "streaming.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="benchmarks measure TF")
-def test_streaming_timing_leaves_the_stream_alone():
-    from benchmarks import streaming
+@tensorflow_only
+def test_streaming_benchmark_refuses_a_step_that_misses_the_whole_sequence(tmp_path, capsys):
+    def off_by_one(model, batch_size, jit_compile=None):
+        step = make_step_function(model, batch_size, jit_compile=jit_compile)
 
+        def wrong(x, states):
+            y, states = step(x, states)
+            return y + 1.0, states
+
+        wrong.initial_states = step.initial_states
+        return wrong
+
+    status = streaming.main([*TINY_STREAM, "--output-dir", str(tmp_path)], off_by_one)
+    assert status == 1
+    out = capsys.readouterr().out
+    assert "aaren does not match" in out and "lstm does not match" in out
+    assert "transformer_kv" not in out
+    assert not (tmp_path / "streaming.json").exists()
+
+
+@tensorflow_only
+def test_streaming_timing_leaves_the_stream_alone():
     def values(states):
         return [keras.ops.convert_to_numpy(s) for s in states]
 
@@ -289,8 +284,6 @@ MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associ
     ],
 )
 def test_benchmark_arguments_are_checked(module, args, message, capsys):
-    import importlib
-
     main = importlib.import_module(f"benchmarks.{module}").main
     with pytest.raises(SystemExit) as exit_info:
         main(args)
