@@ -11,12 +11,12 @@ walks the model's graph in order and judges each layer:
 * Declared: an attribute `acts_per_timestep` (`ACTS_PER_TIMESTEP`) set to `True` or `False`, on
   the layer's class or on the instance, is taken at its word and no probe runs. It is the way to
   vouch for a layer the probe cannot judge (one that draws random numbers at inference), or to
-  refuse one that mixes timesteps further apart than the probe looks.
+  refuse one that the probe would let through.
 * Recurrent: a `keras.layers.RNN` subclass (Aaren, AarenBlock, LSTM, GRU, a user's own) streams:
   its state carries the past, and the stateful copy or the step model carries that state between
   tokens. One that runs backwards (`go_backwards=True`) reads the future and is refused.
-* Nested functional and Sequential models are judged layer by layer, with paths such as
-  `inner/dense`.
+* Nested: a functional or Sequential model inside the model is judged layer by layer, with
+  paths such as `inner/dense`.
 * Probed: any other layer is called (with `training=False`) on a random sequence of
   `PROBE_TIMESTEPS` timesteps and on each of those timesteps alone. It streams if every output
   keeps the time axis, `(batch, timesteps, ...)`, and equals at every timestep its output on that
@@ -26,6 +26,12 @@ walks the model's graph in order and judges each layer:
   time axis (pooling over time, Flatten) or differs (attention, Bidirectional, Conv1D with a
   kernel wider than 1, whatever its padding: a causal convolution needs past inputs, which a
   stream fed token by token does not keep).
+
+The probe replays the layer's call as the model made it (every tensor it was given, a mask
+included), on random inputs of the same shapes and dtypes: normal floats, integers 0 and 1 (valid
+indices for any embedding of two rows or more), random booleans. It sees `PROBE_TIMESTEPS`
+timesteps only, so a layer that mixes timesteps further apart than that should declare
+`acts_per_timestep = False`.
 """
 
 import re
@@ -77,15 +83,14 @@ def _check_graph(model, prefix, input_has_time):
         path = f"{prefix}{layer.name}"
         inputs = keras.tree.flatten(layer.input)
         outputs = keras.tree.flatten(layer.output)
-        # A tensor the map does not know (from a second call of a shared layer: `layer.input`
-        # is its first call's) is taken to have a time axis, which judges more strictly.
+        # A tensor the map does not know (a mask that Keras computed beside a layer's output,
+        # or one from a second call of a shared layer, as `layer.input` is its first call's) is
+        # taken to have a time axis, which judges more strictly.
         flags = [has_time.get(id(t), True) for t in inputs]
-        if not any(flags):
-            out_flags = [False] * len(outputs)
-        elif is_graph_model(layer):
-            out_flags = _check_graph(layer, f"{path}/", flags)
-        else:
+        if any(flags):
             out_flags = _judge(path, layer, flags, len(outputs))
+        else:
+            out_flags = [False] * len(outputs)
         for tensor, flag in zip(outputs, out_flags):
             has_time[id(tensor)] = flag
     return [has_time.get(id(t), True) for t in model.outputs]
@@ -107,6 +112,8 @@ def _judge(path, layer, flags, num_outputs):
         if not declared:
             _refuse(path, layer, f"declares `{ACTS_PER_TIMESTEP} = {declared!r}`")
         return [True] * num_outputs
+    if is_graph_model(layer):
+        return _check_graph(layer, f"{path}/", flags)
     if isinstance(layer, keras.layers.RNN):
         if layer.go_backwards:
             _refuse(path, layer, "runs backwards over time (go_backwards=True)")

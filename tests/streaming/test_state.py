@@ -1,6 +1,7 @@
 """keras_aaren.streaming.state: a stream's state read, written, saved and resumed, also in
 another process, and a stateful Aaren layer's state over a million tokens against float64."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,10 @@ import pytest
 from helpers import assert_close, data, numpy_output, numpy_projections, to_numpy
 from streaming_models import BATCH, STEPS, functional_mixed, sequential_blocks
 
+import keras_aaren
 from keras_aaren import Aaren, streaming
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(keras_aaren.__file__)))
 
 
 def test_state_round_trip_and_errors(tmp_path):
@@ -77,6 +81,8 @@ def test_checkpoint_resumes_bit_identical_after_restart(tmp_path):
         ],
         check=True,
         capture_output=True,
+        # The package under test, wherever the interpreter's installed copy is.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])},
     )
     resumed = np.load(tmp_path / "out.npy")
     np.testing.assert_array_equal(resumed, uninterrupted)
