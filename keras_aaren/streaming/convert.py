@@ -1,0 +1,304 @@
+"""The rewrite of a trained model into streaming forms: a stateful copy, and a one-token step.
+
+`to_streaming` copies the model with every recurrent layer made stateful, for chunks of any
+length; `make_step_model` rebuilds its graph for one token with every recurrent layer's state as
+an explicit input and output, and `make_step_function` compiles that step once for its fixed
+shapes. Both first check that the model can stream at all (see `keras_aaren.streaming`).
+"""
+
+import keras
+import numpy as np
+
+from keras_aaren.streaming.causality import check_streamable
+from keras_aaren.streaming.walk import check_layer, is_graph_model
+from keras_aaren.validation import check_positive_int
+
+
+def _check_streamable(model):
+    check_layer("model", model)
+    check_streamable(model)
+
+
+def _check_batch_size(batch_size):
+    check_positive_int("batch_size", batch_size)
+
+
+def _clone_with(config_changes):
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.RNN):
+            config.update(config_changes)
+        return layer.__class__.from_config(config)
+
+    return clone
+
+
+def to_streaming(model, batch_size):
+    """A stateful copy of a model, for streaming: fixed batch size, any number of timesteps.
+
+    Every recurrent layer (Aaren, AarenBlock, Keras RNNs) becomes `stateful=True`; the weights
+    are copied from `model`. Call the copy on chunks of the stream, one token
+    (`(batch_size, 1, features)`) or many, and it continues where it stopped; outputs equal
+    those of `model` on the whole stream. `reset_states` starts a new stream.
+
+    Args:
+        model: a built Sequential or functional model with one input
+            `(batch_size, timesteps, features)`.
+        batch_size: int, the number of streams served side by side.
+
+    Returns:
+        A new `keras.Model` with the same weights.
+
+    Raises:
+        ValueError: if `batch_size` is not a positive integer, or the model has a layer that
+            cannot stream (see `keras_aaren.streaming`), or not exactly one 3-D input.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_aaren import AarenBlock
+    >>> from keras_aaren.streaming import to_streaming
+    >>> model = keras.Sequential([keras.Input((None, 8)), AarenBlock(2, 4, ffn_dim=16)])
+    >>> streaming = to_streaming(model, batch_size=3)
+    >>> x = np.random.rand(3, 10, 8).astype("float32")
+    >>> tokens = [streaming.predict_on_batch(x[:, t : t + 1]) for t in range(10)]
+    >>> expected = model.predict(x, verbose=0)
+    >>> bool(np.allclose(np.concatenate(tokens, axis=1), expected, atol=1e-5))
+    True
+    """
+    _check_batch_size(batch_size)
+    _check_streamable(model)
+    return _stateful_copy(model, batch_size)
+
+
+def _stateful_copy(model, batch_size):
+    features = model.inputs[0].shape[-1]
+    inputs = keras.Input(
+        batch_shape=(batch_size, None, features),
+        dtype=model.inputs[0].dtype,
+        name=model.inputs[0].name,
+    )
+    stateful = _clone_with({"stateful": True})
+
+    def clone_layer(layer):
+        # A nested model gets the same fixed batch size: a stateful RNN needs a static one.
+        if is_graph_model(layer):
+            return _stateful_copy(layer, batch_size)
+        return stateful(layer)
+
+    clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_layer)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _step_graph(model, batch_size):
+    """Re-run the model's layer graph on one token with explicit states in and out."""
+    features = model.inputs[0].shape[-1]
+    token = keras.Input(batch_shape=(batch_size, features), dtype=model.inputs[0].dtype, name="x")
+    tensors = {id(model.inputs[0]): keras.layers.Reshape((1, features))(token)}
+    state_inputs, state_outputs = [], []
+    # One static timestep: unrolling removes the step loop of Keras RNNs, which TFLite cannot
+    # run over variables.
+    explicit = _clone_with({"return_state": True, "stateful": False, "unroll": True})
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            raise ValueError(
+                f"Layer '{layer.name}' is a nested model; make_step_model needs a flat model. "
+                "Use to_streaming, or build the model without nesting."
+            )
+        inputs = keras.tree.map_structure(lambda t: tensors[id(t)], layer.input)
+        if isinstance(layer, keras.layers.RNN):
+            step_layer = explicit(layer)
+            # The built cell's sizes: a keras.layers.RNN copies them when constructed, before an
+            # Aaren cell knows the size of its output.
+            sizes = layer.cell.state_size
+            sizes = [sizes] if isinstance(sizes, int) else sizes
+            states = [
+                keras.Input(batch_shape=(batch_size, size), name=f"{layer.name}_state_{i}")
+                for i, size in enumerate(sizes)
+            ]
+            output, *new_states = step_layer(inputs, initial_state=states)
+            step_layer.set_weights(layer.get_weights())
+            state_inputs += states
+            state_outputs += new_states
+        else:
+            output = layer(inputs)
+        for original, new in zip(keras.tree.flatten(layer.output), keras.tree.flatten(output)):
+            tensors[id(original)] = new
+    output = tensors[id(model.outputs[0])]
+    if len(output.shape) == 3:
+        output = keras.layers.Reshape(tuple(output.shape[2:]))(output)
+    return keras.Model([token, *state_inputs], [output, *state_outputs], name="step")
+
+
+def make_step_model(model, batch_size):
+    """A stateless Keras model for one token: `[x_t, *states] -> [y_t, *new_states]`.
+
+    `x_t` is `(batch_size, features)`; the states are the `(batch_size, size)` states of every
+    recurrent layer in order (for each Aaren layer or block `[y, c]`), all zeros for a new
+    stream; `y_t` is the model's output for that token. Recurrent layers are copied (weights
+    included); every other layer is shared with `model`.
+
+    Args:
+        model: a built Sequential or flat functional model with one input
+            `(batch_size, timesteps, features)` and one output.
+        batch_size: int, the number of streams served side by side.
+
+    Returns:
+        A `keras.Model`; `initial_states(step_model)` gives the zero states.
+
+    Raises:
+        ValueError: as `to_streaming`, or for nested models and multiple outputs.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_aaren import Aaren
+    >>> from keras_aaren.streaming import initial_states, make_step_model
+    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
+    >>> step_model = make_step_model(model, batch_size=1)
+    >>> [tuple(t.shape) for t in step_model.inputs]  # x_t, then y and c = (m, u, w)
+    [(1, 3), (1, 3), (1, 12)]
+    >>> x = np.random.rand(1, 3).astype("float32")
+    >>> y, *states = step_model.predict_on_batch([x, *initial_states(step_model)])
+    >>> bool(np.allclose(y, model.predict(x[:, None], verbose=0)[:, 0], atol=1e-5))
+    True
+    """
+    _check_batch_size(batch_size)
+    _check_streamable(model)
+    if len(model.outputs) != 1:
+        raise ValueError(
+            f"make_step_model expects a model with one output. Received: {len(model.outputs)}"
+        )
+    return _step_graph(model, batch_size)
+
+
+def initial_states(step_model):
+    """Zero states ("nothing seen yet") for a step model from `make_step_model`.
+
+    Args:
+        step_model: a model from `make_step_model`.
+
+    Returns:
+        A list of zero numpy arrays, one per state input of `step_model`, in its order.
+
+    Examples:
+
+    >>> import keras
+    >>> from keras_aaren import Aaren
+    >>> from keras_aaren.streaming import initial_states, make_step_model
+    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
+    >>> tuple(s.shape for s in initial_states(make_step_model(model, batch_size=5)))
+    ((5, 3), (5, 12))
+    """
+    return [np.zeros(x.shape, dtype=x.dtype) for x in step_model.inputs[1:]]
+
+
+def _check_step_inputs(step_model, x, states):
+    expected = tuple(step_model.inputs[0].shape)
+    if tuple(np.shape(x)) != expected:
+        raise ValueError(
+            f"`x` must be one token of shape (batch_size, features) = {expected}. "
+            f"Received: x.shape={tuple(np.shape(x))}"
+        )
+    expected_states = [tuple(s.shape) for s in step_model.inputs[1:]]
+    received = [tuple(np.shape(s)) for s in states]
+    if received != expected_states:
+        raise ValueError(f"`states` must have shapes {expected_states}. Received: {received}")
+
+
+def make_step_function(model, batch_size, jit_compile=None):
+    """`step(x_t, states) -> (y_t, new_states)`, compiled once, for serving a stream.
+
+    Args:
+        model: as for `make_step_model`.
+        batch_size: int, the number of streams served side by side.
+        jit_compile: on TensorFlow, passed to `tf.function` (None: TensorFlow's default).
+
+    Returns:
+        A function `step(x_t, states)`, with the step model as `step.model` and
+        `step.initial_states()` for a new stream. On TensorFlow it is a `tf.function` traced
+        once for its fixed shapes, on JAX a `jax.jit` of the step model's stateless call; on
+        other backends it calls the step model directly.
+
+    Raises:
+        ValueError: as `make_step_model`; when called, if `x_t` or `states` has the wrong shape.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> from keras_aaren import Aaren
+    >>> from keras_aaren.streaming import make_step_function
+    >>> model = keras.Sequential([keras.Input((None, 4)), Aaren(2, 3, return_sequences=True)])
+    >>> step = make_step_function(model, batch_size=2)
+    >>> x = np.random.rand(2, 6, 4).astype("float32")
+    >>> states = step.initial_states()
+    >>> outputs = []
+    >>> for t in range(6):
+    ...     y, states = step(x[:, t], states)
+    ...     outputs.append(keras.ops.convert_to_numpy(y))
+    >>> bool(np.allclose(np.stack(outputs, axis=1), model.predict(x, verbose=0), atol=1e-5))
+    True
+    """
+    step_model = make_step_model(model, batch_size)
+
+    def run(x, states):
+        inputs = [keras.ops.convert_to_tensor(t) for t in (x, *states)]
+        results = step_model(inputs, training=False)
+        return results[0], list(results[1:])
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        @jax.jit
+        def pure_step(trainable, non_trainable, x, states):
+            results, _ = step_model.stateless_call(
+                trainable, non_trainable, [x, *states], training=False
+            )
+            return results[0], list(results[1:])
+
+        def call(x, states):
+            # A stateless call takes the weights as arguments: reading them at every call keeps
+            # the step on the step model's current weights (after `step.model.set_weights`,
+            # say), as the tf.function, which reads its variables, does.
+            trainable = [v.value for v in step_model.trainable_variables]
+            non_trainable = [v.value for v in step_model.non_trainable_variables]
+            return pure_step(trainable, non_trainable, x, states)
+
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        signature = [tf.TensorSpec(t.shape, t.dtype) for t in step_model.inputs]
+        # Calling the traced concrete function skips tf.function's matching of the arguments
+        # against its signature, which it would redo for every state tensor at every step: in a
+        # small model that matching is a large part of the step.
+        compiled = tf.function(
+            lambda x, *states: run(x, states), input_signature=signature, jit_compile=jit_compile
+        ).get_concrete_function()
+
+        def convert(t, spec):
+            # NumPy inputs are converted to the signature's dtypes, as tf.function does. Tensors
+            # of that dtype (the states a step returned) go in as they are: converting them again
+            # would add a conversion per state (two per Aaren layer or block) to every step.
+            if isinstance(t, tf.Tensor) and t.dtype == spec.dtype:
+                return t
+            return tf.convert_to_tensor(t, spec.dtype)
+
+        def call(x, states):
+            return compiled(*(convert(t, s) for t, s in zip((x, *states), signature)))
+
+    else:
+        call = run
+
+    def step(x, states):
+        _check_step_inputs(step_model, x, states)
+        return call(x, list(states))
+
+    step.model = step_model
+    step.initial_states = lambda: initial_states(step_model)
+    return step

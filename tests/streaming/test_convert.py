@@ -1,0 +1,80 @@
+"""keras_aaren.streaming.convert: the stateful copy and the one-token step against the parallel
+model on the same inputs, and their argument checks."""
+
+import keras
+import numpy as np
+import pytest
+from helpers import assert_close, data, to_numpy
+from streaming_models import BATCH, STEPS, WIDTH, sequential_blocks
+
+from keras_aaren import AarenBlock, streaming
+
+
+def test_to_streaming_chunks_and_tokens(model_and_data):
+    model, x, expected = model_and_data
+    stream = streaming.to_streaming(model, BATCH)
+    assert stream.inputs[0].shape == (BATCH, None, 3)
+    tokens = [to_numpy(stream(x[:, t : t + 1])) for t in range(STEPS)]
+    assert_close(np.concatenate(tokens, axis=1), expected)
+    assert streaming.reset_states(stream) >= 2
+    chunks = [to_numpy(stream(x[:, a:b])) for a, b in [(0, 7), (7, 8), (8, STEPS)]]
+    assert_close(np.concatenate(chunks, axis=1), expected)
+
+
+def test_predict_on_batch_continues_the_stream(model_and_data, request):
+    model, x, expected = model_and_data
+    if keras.backend.backend() == "jax" and "functional_mixed" in request.node.name:
+        # Keras' own RNN layers (the LSTM and the stepped AarenCell here) keep their stateful
+        # states outside the variables that JAX's compiled predict carries; Aaren layers do not.
+        reason = "keras.layers.RNN's stateful states do not survive JAX's compiled predict"
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
+    stream = streaming.to_streaming(model, BATCH)
+    bounds = [(0, 1), (1, 9), (9, STEPS)]
+    chunks = [stream.predict_on_batch(x[:, a:b]) for a, b in bounds]
+    assert_close(np.concatenate(chunks, axis=1), expected)
+
+
+def test_step_function_matches_parallel(model_and_data):
+    model, x, expected = model_and_data
+    step = streaming.make_step_function(model, BATCH)
+    states = step.initial_states()
+    shapes = [tuple(s.shape) for s in states]
+    outputs = []
+    for t in range(STEPS):
+        y, states = step(x[:, t], states)
+        outputs.append(to_numpy(y))
+        # The state has the same fixed structure whatever the number of tokens seen.
+        assert [tuple(s.shape) for s in states] == shapes
+    assert_close(np.stack(outputs, axis=1), expected)
+
+
+def test_bad_streaming_arguments():
+    model = sequential_blocks()
+    for batch_size in (0, True, 2.0):
+        with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer.*Received"):
+            streaming.to_streaming(model, batch_size)
+        with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer.*Received"):
+            streaming.make_step_model(model, batch_size)
+    with pytest.raises(ValueError, match=r"`model` must be a keras.Model.*Received: model='m'"):
+        streaming.to_streaming("m", BATCH)
+    flat = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(
+        ValueError, match=r"one input of shape .*Received input shapes: \[\(None, 3\)\]"
+    ):
+        streaming.to_streaming(flat, BATCH)
+    step = streaming.make_step_function(model, BATCH)
+    states = step.initial_states()
+    with pytest.raises(ValueError, match=r"`x` must be one token .* = \(2, 3\).*\(2, 4\)"):
+        step(np.zeros((BATCH, 4), "float32"), states)
+    with pytest.raises(ValueError, match="`states` must have shapes"):
+        step(np.zeros((BATCH, 3), "float32"), states[:-1])
+    inner = keras.Sequential([keras.Input((None, WIDTH)), AarenBlock(2, 4, ffn_dim=8)])
+    nested = keras.Sequential([keras.Input((None, 3)), keras.layers.Dense(WIDTH), inner])
+    with pytest.raises(ValueError, match="nested model"):
+        streaming.make_step_model(nested, BATCH)
+    stream = streaming.to_streaming(nested, BATCH)
+    x = data(BATCH, 6, 3, seed=5)
+    assert_close(
+        np.concatenate([to_numpy(stream(x[:, t : t + 1])) for t in range(6)], 1),
+        to_numpy(nested(x)),
+    )
