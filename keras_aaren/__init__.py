@@ -1,6 +1,6 @@
 """keras_aaren: Aaren ("Attention as an RNN", Feng et al., arXiv 2405.13956) for Keras."""
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 from keras_aaren import ops, streaming
 from keras_aaren.layers import Aaren, AarenBlock, AarenBlockCell, AarenCell

@@ -62,7 +62,7 @@ def pytest_collection_modifyitems(config, items):
     if keras.backend.backend() != "tensorflow":
         skip = pytest.mark.skip(reason="SavedModel and TFLite export need the TensorFlow backend")
         for item in items:
-            if item.name.startswith("keras_aaren.streaming.export_"):
+            if item.name.startswith("keras_aaren.streaming.export."):
                 item.add_marker(skip)
 
 

@@ -1,19 +1,8 @@
-"""The models the streaming tests share, and the skip of the export doctests off TensorFlow."""
+"""The models the streaming tests share."""
 
-import keras
 import pytest
 from helpers import data, to_numpy
 from streaming_models import BATCH, MODELS, STEPS
-
-
-def pytest_collection_modifyitems(config, items):
-    # The export docstrings run TensorFlow's SavedModel and TFLite tools, which exist only there.
-    if keras.backend.backend() == "tensorflow":
-        return
-    skip = pytest.mark.skip(reason="SavedModel and TFLite export need the TensorFlow backend")
-    for item in items:
-        if item.name.startswith("keras_aaren.streaming.export."):
-            item.add_marker(skip)
 
 
 @pytest.fixture(params=list(MODELS), ids=list(MODELS))
