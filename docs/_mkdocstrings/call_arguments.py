@@ -17,12 +17,18 @@ class CallArguments(griffe.Extension):
             return
         sections = cls.docstring.parsed
         for index, section in enumerate(sections):
-            if not (isinstance(section, griffe.DocstringSectionAdmonition) and section.title == TITLE):
+            if not (
+                isinstance(section, griffe.DocstringSectionAdmonition) and section.title == TITLE
+            ):
                 continue
-            body = "\n".join(f"    {line}" if line else "" for line in section.value.contents.splitlines())
+            body = "\n".join(
+                f"    {line}" if line else "" for line in section.value.contents.splitlines()
+            )
             # A docstring of its own, with no parent: the call's arguments are not the class's, so
             # griffe must not match them against the constructor's signature.
             # (The empty first line keeps the body indented under its title: griffe dedents the
             # lines after a docstring's first by their common indentation.)
-            (args,) = griffe.Docstring(f"\nArgs:\n{body}").parse(griffe.Parser.google, warnings=False)
+            (args,) = griffe.Docstring(f"\nArgs:\n{body}").parse(
+                griffe.Parser.google, warnings=False
+            )
             sections[index] = griffe.DocstringSectionParameters(args.value, title=f"{TITLE}:")
