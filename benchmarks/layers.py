@@ -207,8 +207,7 @@ def main(argv=None, contenders=None):
         results,
         f"{args.output_dir}/layers.png",
         "forward+backward, ms (median)",
-        f"One layer, batch {args.batch}, {args.heads} heads of {args.key_dim} "
-        f"({mode}, {device()})",
+        f"One layer, batch {args.batch}, {args.heads} heads of {args.key_dim} ({mode}, {device()})",
     )
     print(f"wrote {args.output_dir}/layers.json and layers.png")
     return 0

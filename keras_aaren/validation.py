@@ -34,6 +34,4 @@ def check_shape(name, shape, expected, layout=None):
     expected = tuple(expected)
     if not _dims_match(shape, expected):
         described = f"{layout} = {expected}" if layout else f"{expected}"
-        raise ValueError(
-            f"`{name}` must have shape {described}. Received: {name}.shape={shape}"
-        )
+        raise ValueError(f"`{name}` must have shape {described}. Received: {name}.shape={shape}")

@@ -90,14 +90,13 @@ class AarenCell(keras.layers.Layer):
             `features`, or if the input is not floating-point.
 
     Examples:
-
-    >>> import numpy as np
-    >>> import keras
-    >>> cell = AarenCell(num_heads=2, key_dim=8)
-    >>> streaming = keras.layers.RNN(cell, return_sequences=True)
-    >>> y = streaming(np.random.rand(4, 10, 16).astype("float32"))
-    >>> tuple(y.shape)
-    (4, 10, 16)
+        >>> import numpy as np
+        >>> import keras
+        >>> cell = AarenCell(num_heads=2, key_dim=8)
+        >>> streaming = keras.layers.RNN(cell, return_sequences=True)
+        >>> y = streaming(np.random.rand(4, 10, 16).astype("float32"))
+        >>> tuple(y.shape)
+        (4, 10, 16)
     """
 
     def __init__(self, num_heads, key_dim, **kwargs):
@@ -330,16 +329,15 @@ class Aaren(ParallelRNN):
             `initial_state` whose shape does not match.
 
     Examples:
-
-    >>> import numpy as np
-    >>> import keras
-    >>> x = np.random.rand(4, 10, 16).astype("float32")
-    >>> layer = Aaren(num_heads=2, key_dim=8, return_sequences=True)
-    >>> parallel = layer(x)
-    >>> stepped = keras.layers.RNN(layer.cell, return_sequences=True)(x)
-    >>> to_numpy = keras.ops.convert_to_numpy  # a tensor of any backend as a NumPy array
-    >>> bool(np.allclose(to_numpy(parallel), to_numpy(stepped), atol=1e-5))
-    True
+        >>> import numpy as np
+        >>> import keras
+        >>> x = np.random.rand(4, 10, 16).astype("float32")
+        >>> layer = Aaren(num_heads=2, key_dim=8, return_sequences=True)
+        >>> parallel = layer(x)
+        >>> stepped = keras.layers.RNN(layer.cell, return_sequences=True)(x)
+        >>> to_numpy = keras.ops.convert_to_numpy  # a tensor of any backend as a NumPy array
+        >>> bool(np.allclose(to_numpy(parallel), to_numpy(stepped), atol=1e-5))
+        True
     """
 
     def __init__(self, num_heads, key_dim, **kwargs):

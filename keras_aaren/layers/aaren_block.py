@@ -95,13 +95,12 @@ class AarenBlockCell(DropoutRNNCell, keras.layers.Layer):
             integer, `dropout` is not in [0, 1), or the input is not `(batch_size, width)`.
 
     Examples:
-
-    >>> import numpy as np
-    >>> import keras
-    >>> cell = AarenBlockCell(num_heads=2, key_dim=8, ffn_dim=32)
-    >>> y = keras.layers.RNN(cell, return_sequences=True)(np.random.rand(3, 7, 16))
-    >>> tuple(y.shape)
-    (3, 7, 16)
+        >>> import numpy as np
+        >>> import keras
+        >>> cell = AarenBlockCell(num_heads=2, key_dim=8, ffn_dim=32)
+        >>> y = keras.layers.RNN(cell, return_sequences=True)(np.random.rand(3, 7, 16))
+        >>> tuple(y.shape)
+        (3, 7, 16)
     """
 
     def __init__(self, num_heads, key_dim, **kwargs):
@@ -141,11 +140,7 @@ class AarenBlockCell(DropoutRNNCell, keras.layers.Layer):
         self.input_dim = width
         # The attention takes every projection argument; the dense layers those they have.
         projection = {a.name: getattr(self, a.name) for a in PROJECTION}
-        dense = {
-            name: value
-            for name, value in projection.items()
-            if not name.startswith("query_")
-        }
+        dense = {name: value for name, value in projection.items() if not name.startswith("query_")}
         policy = dict(dtype=self.dtype_policy)
         self.attention = AarenCell(
             self.num_heads,
@@ -283,16 +278,15 @@ class AarenBlock(ParallelRNN):
             input, or a `mask` or `initial_state` of the wrong shape.
 
     Examples:
-
-    >>> import numpy as np
-    >>> import keras
-    >>> model = keras.Sequential([
-    ...     keras.Input((None, 16)),
-    ...     AarenBlock(num_heads=4, key_dim=4, ffn_dim=32),
-    ...     AarenBlock(num_heads=4, key_dim=4, ffn_dim=32, norm_first=True),
-    ... ])
-    >>> tuple(model(np.random.rand(2, 9, 16)).shape)
-    (2, 9, 16)
+        >>> import numpy as np
+        >>> import keras
+        >>> model = keras.Sequential([
+        ...     keras.Input((None, 16)),
+        ...     AarenBlock(num_heads=4, key_dim=4, ffn_dim=32),
+        ...     AarenBlock(num_heads=4, key_dim=4, ffn_dim=32, norm_first=True),
+        ... ])
+        >>> tuple(model(np.random.rand(2, 9, 16)).shape)
+        (2, 9, 16)
     """
 
     def __init__(self, num_heads, key_dim, **kwargs):

@@ -27,13 +27,12 @@ def full_precision_matmuls():
         the other backends.
 
     Examples:
-
-    >>> import numpy as np
-    >>> from keras import ops
-    >>> with full_precision_matmuls():
-    ...     product = ops.matmul(np.eye(2, dtype="float32"), np.ones((2, 3), "float32"))
-    >>> ops.convert_to_numpy(product).tolist()
-    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+        >>> import numpy as np
+        >>> from keras import ops
+        >>> with full_precision_matmuls():
+        ...     product = ops.matmul(np.eye(2, dtype="float32"), np.ones((2, 3), "float32"))
+        >>> ops.convert_to_numpy(product).tolist()
+        [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
     """
     if backend.backend() == "jax":
         import jax

@@ -33,13 +33,12 @@ def aaren_attention_naive(scores, values, initial_state=None, mask=None):
         nothing returns its initial state (zeros when none was given).
 
     Examples:
-
-    >>> import numpy as np
-    >>> scores = np.array([[[0.0], [np.log(3.0)]]])  # (1, 2, 1): token 2 weighs 3x token 1
-    >>> values = np.array([[[[1.0]], [[5.0]]]])  # (1, 2, 1, 1)
-    >>> outputs, (m, u, w) = aaren_attention_naive(scores, values)
-    >>> np.round(np.asarray(outputs)[0, :, 0, 0], 4).tolist()  # 1, then (1 + 3 * 5) / 4
-    [1.0, 4.0]
+        >>> import numpy as np
+        >>> scores = np.array([[[0.0], [np.log(3.0)]]])  # (1, 2, 1): token 2 weighs 3x token 1
+        >>> values = np.array([[[[1.0]], [[5.0]]]])  # (1, 2, 1, 1)
+        >>> outputs, (m, u, w) = aaren_attention_naive(scores, values)
+        >>> np.round(np.asarray(outputs)[0, :, 0, 0], 4).tolist()  # 1, then (1 + 3 * 5) / 4
+        [1.0, 4.0]
     """
     scores = ops.convert_to_tensor(scores)
     values = ops.convert_to_tensor(values)

@@ -41,10 +41,9 @@ def identity_state(batch_size, num_heads, value_dim, dtype="float32"):
         A tuple `(m, u, w)` of shapes `(B, H)`, `(B, H)`, `(B, H, D)`.
 
     Examples:
-
-    >>> m, u, w = identity_state(batch_size=2, num_heads=4, value_dim=8)
-    >>> tuple(m.shape), tuple(u.shape), tuple(w.shape)
-    ((2, 4), (2, 4), (2, 4, 8))
+        >>> m, u, w = identity_state(batch_size=2, num_heads=4, value_dim=8)
+        >>> tuple(m.shape), tuple(u.shape), tuple(w.shape)
+        ((2, 4), (2, 4), (2, 4, 8))
     """
     m = ops.full((batch_size, num_heads), lowest(dtype), dtype=dtype)
     u = ops.zeros((batch_size, num_heads), dtype=dtype)
@@ -78,13 +77,12 @@ def aaren_combine(state_a, state_b):
         The combined state `(m, u, w)`.
 
     Examples:
-
-    >>> import numpy as np
-    >>> a = (np.array([[0.0]]), np.array([[1.0]]), np.array([[[1.0]]]))  # one token, s=0, v=1
-    >>> b = (np.array([[2.0]]), np.array([[1.0]]), np.array([[[3.0]]]))  # one token, s=2, v=3
-    >>> m, u, w = aaren_combine(a, b)
-    >>> float(np.asarray(m)[0, 0]), round(float(np.asarray(u)[0, 0]), 4)  # 2, 1 + e^-2
-    (2.0, 1.1353)
+        >>> import numpy as np
+        >>> a = (np.array([[0.0]]), np.array([[1.0]]), np.array([[[1.0]]]))  # one token, s=0, v=1
+        >>> b = (np.array([[2.0]]), np.array([[1.0]]), np.array([[[3.0]]]))  # one token, s=2, v=3
+        >>> m, u, w = aaren_combine(a, b)
+        >>> float(np.asarray(m)[0, 0]), round(float(np.asarray(u)[0, 0]), 4)  # 2, 1 + e^-2
+        (2.0, 1.1353)
     """
     # NumPy inputs become tensors first: PyTorch cannot multiply an ndarray by a tensor.
     m_a, u_a, w_a = (ops.convert_to_tensor(x) for x in state_a)
@@ -109,11 +107,10 @@ def readout(state):
         Tensor of shape `(..., H, D)`.
 
     Examples:
-
-    >>> import numpy as np
-    >>> state = (np.zeros((1, 2)), np.array([[4.0, 0.0]]), np.array([[[2.0], [7.0]]]))
-    >>> np.asarray(readout(state)).ravel().tolist()  # w / u, and 0 where nothing was seen
-    [0.5, 0.0]
+        >>> import numpy as np
+        >>> state = (np.zeros((1, 2)), np.array([[4.0, 0.0]]), np.array([[[2.0], [7.0]]]))
+        >>> np.asarray(readout(state)).ravel().tolist()  # w / u, and 0 where nothing was seen
+        [0.5, 0.0]
     """
     _, u, w = state
     seen = (u > 0)[..., None]
@@ -139,13 +136,12 @@ def aaren_step(state, score, value):
         `new_state` in the scan dtype (float32, or float64 for float64 inputs).
 
     Examples:
-
-    >>> import numpy as np
-    >>> state = identity_state(batch_size=1, num_heads=1, value_dim=1)
-    >>> for score, value in [(0.0, 1.0), (np.log(3.0), 5.0)]:
-    ...     output, state = aaren_step(state, np.array([[score]]), np.array([[[value]]]))
-    >>> round(float(np.asarray(output)[0, 0, 0]), 4)  # (1 + 3 * 5) / (1 + 3)
-    4.0
+        >>> import numpy as np
+        >>> state = identity_state(batch_size=1, num_heads=1, value_dim=1)
+        >>> for score, value in [(0.0, 1.0), (np.log(3.0), 5.0)]:
+        ...     output, state = aaren_step(state, np.array([[score]]), np.array([[[value]]]))
+        >>> round(float(np.asarray(output)[0, 0, 0]), 4)  # (1 + 3 * 5) / (1 + 3)
+        4.0
     """
     value = ops.convert_to_tensor(value)
     out_dtype = value.dtype

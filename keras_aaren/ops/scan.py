@@ -114,13 +114,12 @@ def aaren_scan(
             ranks or shapes do not match, or a sequence of no timesteps.
 
     Examples:
-
-    >>> import numpy as np
-    >>> scores = np.random.randn(2, 5, 3).astype("float32")
-    >>> values = np.random.randn(2, 5, 3, 4).astype("float32")
-    >>> outputs, (m, u, w) = aaren_scan(scores, values)
-    >>> tuple(outputs.shape), tuple(w.shape)
-    ((2, 5, 3, 4), (2, 3, 4))
+        >>> import numpy as np
+        >>> scores = np.random.randn(2, 5, 3).astype("float32")
+        >>> values = np.random.randn(2, 5, 3, 4).astype("float32")
+        >>> outputs, (m, u, w) = aaren_scan(scores, values)
+        >>> tuple(outputs.shape), tuple(w.shape)
+        ((2, 5, 3, 4), (2, 3, 4))
     """
     scores = ops.convert_to_tensor(scores)
     values = ops.convert_to_tensor(values)
@@ -170,4 +169,3 @@ def _scan(scores, values, initial_state, mask, method, chunk_size):
         ops.where(seen[..., None], final[2], start[2]),
     )
     return ops.cast(outputs, out_dtype), final
-

@@ -54,18 +54,17 @@ def to_streaming(model, batch_size):
             cannot stream (see `keras_aaren.streaming`), or not exactly one 3-D input.
 
     Examples:
-
-    >>> import numpy as np
-    >>> import keras
-    >>> from keras_aaren import AarenBlock
-    >>> from keras_aaren.streaming import to_streaming
-    >>> model = keras.Sequential([keras.Input((None, 8)), AarenBlock(2, 4, ffn_dim=16)])
-    >>> streaming = to_streaming(model, batch_size=3)
-    >>> x = np.random.rand(3, 10, 8).astype("float32")
-    >>> tokens = [streaming.predict_on_batch(x[:, t : t + 1]) for t in range(10)]
-    >>> expected = model.predict(x, verbose=0)
-    >>> bool(np.allclose(np.concatenate(tokens, axis=1), expected, atol=1e-5))
-    True
+        >>> import numpy as np
+        >>> import keras
+        >>> from keras_aaren import AarenBlock
+        >>> from keras_aaren.streaming import to_streaming
+        >>> model = keras.Sequential([keras.Input((None, 8)), AarenBlock(2, 4, ffn_dim=16)])
+        >>> streaming = to_streaming(model, batch_size=3)
+        >>> x = np.random.rand(3, 10, 8).astype("float32")
+        >>> tokens = [streaming.predict_on_batch(x[:, t : t + 1]) for t in range(10)]
+        >>> expected = model.predict(x, verbose=0)
+        >>> bool(np.allclose(np.concatenate(tokens, axis=1), expected, atol=1e-5))
+        True
     """
     _check_batch_size(batch_size)
     _check_streamable(model)
@@ -154,19 +153,18 @@ def make_step_model(model, batch_size):
         ValueError: as `to_streaming`, or for nested models and multiple outputs.
 
     Examples:
-
-    >>> import numpy as np
-    >>> import keras
-    >>> from keras_aaren import Aaren
-    >>> from keras_aaren.streaming import initial_states, make_step_model
-    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
-    >>> step_model = make_step_model(model, batch_size=1)
-    >>> [tuple(t.shape) for t in step_model.inputs]  # x_t, then y and c = (m, u, w)
-    [(1, 3), (1, 3), (1, 12)]
-    >>> x = np.random.rand(1, 3).astype("float32")
-    >>> y, *states = step_model.predict_on_batch([x, *initial_states(step_model)])
-    >>> bool(np.allclose(y, model.predict(x[:, None], verbose=0)[:, 0], atol=1e-5))
-    True
+        >>> import numpy as np
+        >>> import keras
+        >>> from keras_aaren import Aaren
+        >>> from keras_aaren.streaming import initial_states, make_step_model
+        >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
+        >>> step_model = make_step_model(model, batch_size=1)
+        >>> [tuple(t.shape) for t in step_model.inputs]  # x_t, then y and c = (m, u, w)
+        [(1, 3), (1, 3), (1, 12)]
+        >>> x = np.random.rand(1, 3).astype("float32")
+        >>> y, *states = step_model.predict_on_batch([x, *initial_states(step_model)])
+        >>> bool(np.allclose(y, model.predict(x[:, None], verbose=0)[:, 0], atol=1e-5))
+        True
     """
     _check_batch_size(batch_size)
     _check_streamable(model)
@@ -187,13 +185,12 @@ def initial_states(step_model):
         A list of zero numpy arrays, one per state input of `step_model`, in its order.
 
     Examples:
-
-    >>> import keras
-    >>> from keras_aaren import Aaren
-    >>> from keras_aaren.streaming import initial_states, make_step_model
-    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
-    >>> tuple(s.shape for s in initial_states(make_step_model(model, batch_size=5)))
-    ((5, 3), (5, 12))
+        >>> import keras
+        >>> from keras_aaren import Aaren
+        >>> from keras_aaren.streaming import initial_states, make_step_model
+        >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
+        >>> tuple(s.shape for s in initial_states(make_step_model(model, batch_size=5)))
+        ((5, 3), (5, 12))
     """
     return [np.zeros(x.shape, dtype=x.dtype) for x in step_model.inputs[1:]]
 
@@ -229,21 +226,20 @@ def make_step_function(model, batch_size, jit_compile=None):
         ValueError: as `make_step_model`; when called, if `x_t` or `states` has the wrong shape.
 
     Examples:
-
-    >>> import numpy as np
-    >>> import keras
-    >>> from keras_aaren import Aaren
-    >>> from keras_aaren.streaming import make_step_function
-    >>> model = keras.Sequential([keras.Input((None, 4)), Aaren(2, 3, return_sequences=True)])
-    >>> step = make_step_function(model, batch_size=2)
-    >>> x = np.random.rand(2, 6, 4).astype("float32")
-    >>> states = step.initial_states()
-    >>> outputs = []
-    >>> for t in range(6):
-    ...     y, states = step(x[:, t], states)
-    ...     outputs.append(keras.ops.convert_to_numpy(y))
-    >>> bool(np.allclose(np.stack(outputs, axis=1), model.predict(x, verbose=0), atol=1e-5))
-    True
+        >>> import numpy as np
+        >>> import keras
+        >>> from keras_aaren import Aaren
+        >>> from keras_aaren.streaming import make_step_function
+        >>> model = keras.Sequential([keras.Input((None, 4)), Aaren(2, 3, return_sequences=True)])
+        >>> step = make_step_function(model, batch_size=2)
+        >>> x = np.random.rand(2, 6, 4).astype("float32")
+        >>> states = step.initial_states()
+        >>> outputs = []
+        >>> for t in range(6):
+        ...     y, states = step(x[:, t], states)
+        ...     outputs.append(keras.ops.convert_to_numpy(y))
+        >>> bool(np.allclose(np.stack(outputs, axis=1), model.predict(x, verbose=0), atol=1e-5))
+        True
     """
     step_model = make_step_model(model, batch_size)
 

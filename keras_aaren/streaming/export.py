@@ -51,22 +51,21 @@ def export_saved_model(model, path, batch_size):
         ValueError: as `make_step_model`, or on a backend other than TensorFlow.
 
     Examples:
-
-    >>> import tempfile
-    >>> import numpy as np
-    >>> import keras
-    >>> import tensorflow as tf
-    >>> from keras_aaren import Aaren
-    >>> from keras_aaren.streaming import export_saved_model
-    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
-    >>> path = export_saved_model(model, tempfile.mkdtemp(), batch_size=1)
-    >>> step = tf.saved_model.load(path).signatures["step"]
-    >>> x = np.random.rand(1, 3).astype("float32")
-    >>> sizes = [3, 12]  # y, then c = (m, u, w): 2 + 2 + 2 * 4
-    >>> states = {f"state_{i}": tf.zeros((1, n)) for i, n in enumerate(sizes)}
-    >>> out = step(x=tf.constant(x), **states)
-    >>> bool(np.allclose(out["y"], model(x[:, None])[:, 0], atol=1e-5))
-    True
+        >>> import tempfile
+        >>> import numpy as np
+        >>> import keras
+        >>> import tensorflow as tf
+        >>> from keras_aaren import Aaren
+        >>> from keras_aaren.streaming import export_saved_model
+        >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
+        >>> path = export_saved_model(model, tempfile.mkdtemp(), batch_size=1)
+        >>> step = tf.saved_model.load(path).signatures["step"]
+        >>> x = np.random.rand(1, 3).astype("float32")
+        >>> sizes = [3, 12]  # y, then c = (m, u, w): 2 + 2 + 2 * 4
+        >>> states = {f"state_{i}": tf.zeros((1, n)) for i, n in enumerate(sizes)}
+        >>> out = step(x=tf.constant(x), **states)
+        >>> bool(np.allclose(out["y"], model(x[:, None])[:, 0], atol=1e-5))
+        True
     """
     if keras.backend.backend() != "tensorflow":
         raise ValueError(
@@ -98,22 +97,22 @@ def export_tflite(model, path, batch_size):
         ValueError: as `export_saved_model`.
 
     Examples:
-
-    >>> import os, tempfile
-    >>> import numpy as np
-    >>> import keras
-    >>> import tensorflow as tf
-    >>> from keras_aaren import Aaren
-    >>> from keras_aaren.streaming import export_tflite
-    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
-    >>> path = export_tflite(model, os.path.join(tempfile.mkdtemp(), "step.tflite"), batch_size=1)
-    >>> step = tf.lite.Interpreter(model_path=path).get_signature_runner("step")
-    >>> x = np.random.rand(1, 3).astype("float32")
-    >>> sizes = [3, 12]  # y, then c = (m, u, w): 2 + 2 + 2 * 4
-    >>> states = {f"state_{i}": np.zeros((1, n), "float32") for i, n in enumerate(sizes)}
-    >>> out = step(x=x, **states)
-    >>> bool(np.allclose(out["y"], model(x[:, None])[:, 0], atol=1e-5))
-    True
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> import keras
+        >>> import tensorflow as tf
+        >>> from keras_aaren import Aaren
+        >>> from keras_aaren.streaming import export_tflite
+        >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, return_sequences=True)])
+        >>> path = os.path.join(tempfile.mkdtemp(), "step.tflite")
+        >>> path = export_tflite(model, path, batch_size=1)
+        >>> step = tf.lite.Interpreter(model_path=path).get_signature_runner("step")
+        >>> x = np.random.rand(1, 3).astype("float32")
+        >>> sizes = [3, 12]  # y, then c = (m, u, w): 2 + 2 + 2 * 4
+        >>> states = {f"state_{i}": np.zeros((1, n), "float32") for i, n in enumerate(sizes)}
+        >>> out = step(x=x, **states)
+        >>> bool(np.allclose(out["y"], model(x[:, None])[:, 0], atol=1e-5))
+        True
     """
     if keras.backend.backend() != "tensorflow":
         raise ValueError(

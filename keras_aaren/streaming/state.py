@@ -27,18 +27,17 @@ def reset_states(model):
         ValueError: if `model` is not a Keras layer or model.
 
     Examples:
-
-    >>> import numpy as np
-    >>> import keras
-    >>> from keras_aaren import Aaren
-    >>> from keras_aaren.streaming import reset_states
-    >>> model = keras.Sequential([
-    ...     keras.Input(batch_shape=(2, None, 3)),
-    ...     Aaren(num_heads=1, key_dim=4, stateful=True, return_sequences=True),
-    ... ])
-    >>> _ = model(np.ones((2, 5, 3), "float32"))
-    >>> reset_states(model)
-    1
+        >>> import numpy as np
+        >>> import keras
+        >>> from keras_aaren import Aaren
+        >>> from keras_aaren.streaming import reset_states
+        >>> model = keras.Sequential([
+        ...     keras.Input(batch_shape=(2, None, 3)),
+        ...     Aaren(num_heads=1, key_dim=4, stateful=True, return_sequences=True),
+        ... ])
+        >>> _ = model(np.ones((2, 5, 3), "float32"))
+        >>> reset_states(model)
+        1
     """
     check_layer("model", model)
     layers = [layer for _, layer in walk(model) if getattr(layer, "stateful", False)]
@@ -63,16 +62,15 @@ def get_states(model):
         ValueError: if `model` is not a Keras model or layer.
 
     Examples:
-
-    >>> import numpy as np
-    >>> import keras
-    >>> from keras_aaren import Aaren
-    >>> from keras_aaren.streaming import get_states, to_streaming
-    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, name="aaren")])
-    >>> streaming = to_streaming(model, batch_size=5)
-    >>> _ = streaming(np.ones((5, 7, 3), "float32"))
-    >>> {path: [a.shape for a in arrays] for path, arrays in get_states(streaming).items()}
-    {'aaren': [(5, 3), (5, 12)]}
+        >>> import numpy as np
+        >>> import keras
+        >>> from keras_aaren import Aaren
+        >>> from keras_aaren.streaming import get_states, to_streaming
+        >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, name="aaren")])
+        >>> streaming = to_streaming(model, batch_size=5)
+        >>> _ = streaming(np.ones((5, 7, 3), "float32"))
+        >>> {path: [a.shape for a in arrays] for path, arrays in get_states(streaming).items()}
+        {'aaren': [(5, 3), (5, 12)]}
     """
     check_layer("model", model)
     return {
@@ -96,20 +94,19 @@ def set_states(model, states):
             an array's shape differs from the layer's state (e.g. another batch size).
 
     Examples:
-
-    >>> import numpy as np
-    >>> import keras
-    >>> from keras_aaren import Aaren
-    >>> from keras_aaren.streaming import get_states, set_states, to_streaming
-    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, name="aaren")])
-    >>> streaming = to_streaming(model, batch_size=1)
-    >>> x = np.random.rand(1, 8, 3).astype("float32")
-    >>> _ = streaming.predict_on_batch(x[:, :5])
-    >>> saved = get_states(streaming)
-    >>> first = streaming.predict_on_batch(x[:, 5:])
-    >>> set_states(streaming, saved)  # rewind to after token 5
-    >>> bool(np.allclose(streaming.predict_on_batch(x[:, 5:]), first))
-    True
+        >>> import numpy as np
+        >>> import keras
+        >>> from keras_aaren import Aaren
+        >>> from keras_aaren.streaming import get_states, set_states, to_streaming
+        >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4, name="aaren")])
+        >>> streaming = to_streaming(model, batch_size=1)
+        >>> x = np.random.rand(1, 8, 3).astype("float32")
+        >>> _ = streaming.predict_on_batch(x[:, :5])
+        >>> saved = get_states(streaming)
+        >>> first = streaming.predict_on_batch(x[:, 5:])
+        >>> set_states(streaming, saved)  # rewind to after token 5
+        >>> bool(np.allclose(streaming.predict_on_batch(x[:, 5:]), first))
+        True
     """
     check_layer("model", model)
     layers = dict(stateful_layers(model))
@@ -152,18 +149,17 @@ def save_states(model, path):
         ValueError: if `model` is not a Keras model or layer.
 
     Examples:
-
-    >>> import os, tempfile
-    >>> import numpy as np
-    >>> import keras
-    >>> from keras_aaren import Aaren
-    >>> from keras_aaren.streaming import save_states, to_streaming
-    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
-    >>> streaming = to_streaming(model, batch_size=1)
-    >>> _ = streaming(np.ones((1, 4, 3), "float32"))
-    >>> path = save_states(streaming, os.path.join(tempfile.mkdtemp(), "stream"))
-    >>> os.path.basename(path)
-    'stream.npz'
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> import keras
+        >>> from keras_aaren import Aaren
+        >>> from keras_aaren.streaming import save_states, to_streaming
+        >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
+        >>> streaming = to_streaming(model, batch_size=1)
+        >>> _ = streaming(np.ones((1, 4, 3), "float32"))
+        >>> path = save_states(streaming, os.path.join(tempfile.mkdtemp(), "stream"))
+        >>> os.path.basename(path)
+        'stream.npz'
     """
     arrays = {}
     for layer_path, values in get_states(model).items():
@@ -188,23 +184,22 @@ def load_states(model, path):
         ValueError: if the file holds the state of another model or of another batch size.
 
     Examples:
-
-    >>> import os, tempfile
-    >>> import numpy as np
-    >>> import keras
-    >>> from keras_aaren import Aaren
-    >>> from keras_aaren.streaming import load_states, reset_states, save_states, to_streaming
-    >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
-    >>> streaming = to_streaming(model, batch_size=1)
-    >>> x = np.random.rand(1, 9, 3).astype("float32")
-    >>> _ = streaming.predict_on_batch(x[:, :6])
-    >>> path = save_states(streaming, os.path.join(tempfile.mkdtemp(), "stream.npz"))
-    >>> reset_states(streaming)  # e.g. the process restarts
-    1
-    >>> load_states(streaming, path)
-    >>> rest = streaming.predict_on_batch(x[:, 6:])
-    >>> bool(np.allclose(rest, model.predict(x, verbose=0), atol=1e-5))
-    True
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> import keras
+        >>> from keras_aaren import Aaren
+        >>> from keras_aaren.streaming import load_states, reset_states, save_states, to_streaming
+        >>> model = keras.Sequential([keras.Input((None, 3)), Aaren(2, 4)])
+        >>> streaming = to_streaming(model, batch_size=1)
+        >>> x = np.random.rand(1, 9, 3).astype("float32")
+        >>> _ = streaming.predict_on_batch(x[:, :6])
+        >>> path = save_states(streaming, os.path.join(tempfile.mkdtemp(), "stream.npz"))
+        >>> reset_states(streaming)  # e.g. the process restarts
+        1
+        >>> load_states(streaming, path)
+        >>> rest = streaming.predict_on_batch(x[:, 6:])
+        >>> bool(np.allclose(rest, model.predict(x, verbose=0), atol=1e-5))
+        True
     """
     states = {}
     with np.load(str(path)) as data:

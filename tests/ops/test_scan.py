@@ -379,5 +379,6 @@ def test_eager_calls_on_many_lengths_do_not_warn_of_retracing():
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_empty_sequence_names_the_time_axis(method):
-    with pytest.raises(ValueError, match="at least one timestep.*timesteps.*scores.shape=\\(2, 0, 3\\)"):
+    match = "at least one timestep.*timesteps.*scores.shape=\\(2, 0, 3\\)"
+    with pytest.raises(ValueError, match=match):
         aaren_scan(np.zeros((2, 0, 3), "float32"), np.zeros((2, 0, 3, 4), "float32"), method=method)
