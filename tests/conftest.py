@@ -29,9 +29,9 @@ def _share_jax_compilations(config):
 
     Many tests compile the same programs: Keras' JAX `keras.layers.RNN` builds a new loop on
     every eager call, and both workers build alike models. A compilation cache shared by the run
-    (JAX's persistent cache, keyed by the program's fingerprint) reuses them: the quickstart's
-    smoke run took 27 s instead of 36 s on 2 cores. The controller (or a lone process) makes the
-    folder and removes it at the end; workers and subprocesses find it in the environment.
+    (JAX's persistent cache, keyed by the program's fingerprint) reuses them. The controller (or
+    a lone process) makes the folder and removes it at the end; workers and subprocesses find it
+    in the environment.
     """
     import jax
 

@@ -17,8 +17,8 @@ def gradients(fn, inputs, constants=()):
     """Gradients of the scalar `fn(*inputs, *constants)` with respect to each of `inputs`.
 
     On JAX the gradient runs as one `jax.jit` program, cached per `fn`: `jax.grad` outside a
-    jit dispatches and compiles every primitive of the scan on its own, which cost 20-40 s per
-    new shape on 2 cores. Pass the data that is not differentiated as `constants`, so a stable
+    jit dispatches and compiles every primitive of the scan on its own, for every new shape.
+    Pass the data that is not differentiated as `constants`, so a stable
     `fn` compiles once per shape and not once per test.
     """
     backend = keras.backend.backend()
@@ -51,8 +51,8 @@ def _jax_gradient(fn, count):
 def naive_attention(scores, values, initial_state=None, mask=None):
     """`aaren_attention_naive`, on JAX as one `jax.jit` program per shape.
 
-    Called eagerly on JAX, the oracle's few dozen ops each compile for every new shape: 1.3 s per
-    shape against 0.3 s for one program, which adds up over property tests of random shapes.
+    Called eagerly on JAX, the oracle's few dozen ops each compile for every new shape, several
+    times the cost of compiling one program, which adds up over property tests of random shapes.
     """
     if keras.backend.backend() == "jax":
         return _jax_naive()(scores, values, initial_state, mask)
@@ -126,8 +126,8 @@ def numpy_output(cell, attended):
 def skip_torch_jit_compile(jit_compile):
     """Skips a `jit_compile=True` case on PyTorch, where Keras compiles with `torch.compile`.
 
-    Keras documents that path as experimental; on these 2 cores it spent minutes tracing the
-    scan (246 s for one 15-epoch fit), and no XLA kernel exists there to test.
+    Keras documents that path as experimental; it spends minutes tracing the scan of one small
+    fit, and no XLA kernel exists there to test.
     """
     if jit_compile and keras.backend.backend() == "torch":
         pytest.skip("jit_compile on PyTorch is Keras' experimental torch.compile path")

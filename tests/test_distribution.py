@@ -3,7 +3,7 @@
 Each engine runs `distributed_training.py` in a subprocess: the two devices must be set up before
 TensorFlow or JAX starts, and this process has started them already. Each runs in the test run of
 its own backend only (CI runs both): it does not depend on the backend of this process, and
-running it in both would cost about 25 s of each run.
+running it in both would only repeat it.
 """
 
 import json

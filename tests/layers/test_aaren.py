@@ -480,7 +480,7 @@ def test_bad_inputs_raise():
         Aaren(2, 4)(data(2, 5), mask=np.ones((2, 4), bool))
     with pytest.raises(ValueError, match=r"`initial_state` as \[y, c\]"):
         Aaren(2, 4)(data(2, 5), initial_state=[np.zeros((2, 2), "float32")] * 3)
-    # The layout of earlier versions, [y, m, u, w], is refused, not misread.
+    # Four states in the (m, u, w) layout of the paper, [y, m, u, w], are refused, not misread.
     with pytest.raises(ValueError, match=r"`initial_state` as \[y, c\]"):
         Aaren(2, 4)(data(2, 5), initial_state=[np.zeros((2, n), "float32") for n in (3, 2, 2, 8)])
     with pytest.raises(

@@ -101,7 +101,7 @@ def test_blocks_stack_and_stream():
         ]
     )
     # The first 12 tokens, one call each: on JAX every eager call of keras.layers.RNN compiles
-    # its loop again (docs/backends.md), and all 40 took 48 s of the JAX suite. The outputs are
+    # its loop again (docs/backends.md), so every token costs a compilation. The outputs are
     # causal, so a prefix of the stream must equal the same prefix of the parallel output.
     tokens = [to_numpy(streaming(x[:, t : t + 1])) for t in range(12)]
     assert_close(np.concatenate(tokens, axis=1), expected[:, :12])
