@@ -47,13 +47,13 @@ class AarenCell(keras.layers.Layer):
     Each head attends with a learned query $q$ that does not depend on the input, so its output
     after token $t$ is a softmax-weighted mean of the values seen so far, updated in O(1):
 
-    $$s_t = \\frac{q \\cdot k_t}{\\sqrt{d_k}}, \\quad k_t = x_t W_k + b_k, \\quad
-    v_t = x_t W_v + b_v, \\quad q = \\bar q W_q + b_q$$
+    $$s_t = \\frac{q \\cdot k_t}{\\sqrt{d_k}}, \\quad q = \\bar q W_q + b_q, \\quad
+    k_t = x_t W_k + b_k, \\quad v_t = x_t W_v + b_v$$
 
-    $$m_t = \\max(m_{t-1}, s_t), \\quad u_t = u_{t-1} e^{m_{t-1} - m_t} + e^{s_t - m_t}, \\quad
-    w_t = w_{t-1} e^{m_{t-1} - m_t} + v_t e^{s_t - m_t}$$
+    $$m_t = \\max(m_{t-1}, s_t), \\qquad u_t = u_{t-1} e^{m_{t-1} - m_t} + e^{s_t - m_t}$$
 
-    $$y_t = \\operatorname{concat}_h(w_t / u_t)\\, W_o + b_o$$
+    $$w_t = w_{t-1} e^{m_{t-1} - m_t} + v_t e^{s_t - m_t}, \\qquad
+    y_t = \\operatorname{concat}_h(w_t / u_t)\\, W_o + b_o$$
 
     Code names: `query` is the learned token $\\bar q$ (one vector of the input width, projected to
     one query per head by `query_kernel` $W_q$, as in the paper, so that the parameter count is
@@ -291,13 +291,16 @@ class Aaren(ParallelRNN):
     Each head attends causally with a learned, input-independent query $q$:
 
     $$o_k = \\sum_{i \\le k} \\frac{e^{s_i}}{\\sum_{j \\le k} e^{s_j}} v_i, \\qquad
-    s_i = \\frac{q \\cdot k_i}{\\sqrt{d_k}}, \\qquad y_k = \\operatorname{concat}_h(o_k) W_o + b_o$$
+    s_i = \\frac{q \\cdot k_i}{\\sqrt{d_k}}$$
+
+    $$y_k = \\operatorname{concat}_h(o_k) W_o + b_o$$
 
     computed for all $k$ at once with the associative operator of the paper on states
     $(m, u, w)$ (running max, sum of weights, weighted sum of values):
 
-    $$(m_A, u_A, w_A) \\oplus (m_B, u_B, w_B) = (m,\\; u_A e^{m_A - m} + u_B e^{m_B - m},\\;
-    w_A e^{m_A - m} + w_B e^{m_B - m}), \\qquad m = \\max(m_A, m_B)$$
+    $$(m_A, u_A, w_A) \\oplus (m_B, u_B, w_B) = (m, u, w), \\qquad m = \\max(m_A, m_B)$$
+
+    $$u = u_A e^{m_A - m} + u_B e^{m_B - m}, \\qquad w = w_A e^{m_A - m} + w_B e^{m_B - m}$$
 
     starting from the incoming state. The scan runs in float32 under mixed precision.
     `return_sequences`, `return_state`, `initial_state`, `stateful`, `go_backwards`,

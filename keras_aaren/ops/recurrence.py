@@ -63,8 +63,9 @@ def empty_as_identity(m, u):
 def aaren_combine(state_a, state_b):
     """The associative operator ⊕ of the paper: the state of prefix A followed by segment B.
 
-    $$(m_A, u_A, w_A) \\oplus (m_B, u_B, w_B) = (m,\\; u_A e^{m_A - m} + u_B e^{m_B - m},\\;
-    w_A e^{m_A - m} + w_B e^{m_B - m}), \\qquad m = \\max(m_A, m_B)$$
+    $$(m_A, u_A, w_A) \\oplus (m_B, u_B, w_B) = (m, u, w), \\qquad m = \\max(m_A, m_B)$$
+
+    $$u = u_A e^{m_A - m} + u_B e^{m_B - m}, \\qquad w = w_A e^{m_A - m} + w_B e^{m_B - m}$$
 
     Empty states (`u == 0`, whatever their `m`) act as the identity. The running max carries no
     gradient: the readout `w / u` does not depend on it.
@@ -122,8 +123,9 @@ def readout(state):
 def aaren_step(state, score, value):
     """One token of the Aaren recurrence, the RNN view of the paper.
 
-    $$m' = \\max(m, s), \\quad u' = u\\,e^{m - m'} + e^{s - m'}, \\quad
-    w' = w\\,e^{m - m'} + v\\,e^{s - m'}, \\quad o = w' / u'$$
+    $$m' = \\max(m, s), \\qquad u' = u\\,e^{m - m'} + e^{s - m'}$$
+
+    $$w' = w\\,e^{m - m'} + v\\,e^{s - m'}, \\qquad o = w' / u'$$
 
     Args:
         state: tuple `(m, u, w)` of shapes `(B, H)`, `(B, H)`, `(B, H, D)`; `u == 0` means
