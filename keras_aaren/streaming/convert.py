@@ -91,6 +91,19 @@ def _stateful_copy(model, batch_size):
     return clone
 
 
+def _check_no_mask(layer):
+    # Keras records the mask a layer passes on (`_keras_mask`, as its masking guide shows) as
+    # one more input of the layers after it. One token at a time, a masked token is simply not
+    # sent: the step takes every token it is given as real.
+    for tensor in keras.tree.flatten(layer.output):
+        if getattr(tensor, "_keras_mask", None) is not None:
+            raise ValueError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) attaches a mask, which the "
+                "one-token step cannot take: leave masked tokens out of the stream instead "
+                "(do not call the step for them), or serve the model with `to_streaming`."
+            )
+
+
 def _step_graph(model, batch_size):
     """Re-run the model's layer graph on one token with explicit states in and out."""
     features = model.inputs[0].shape[-1]
@@ -108,6 +121,7 @@ def _step_graph(model, batch_size):
                 f"Layer '{layer.name}' is a nested model; make_step_model needs a flat model. "
                 "Use to_streaming, or build the model without nesting."
             )
+        _check_no_mask(layer)
         inputs = keras.tree.map_structure(lambda t: tensors[id(t)], layer.input)
         if isinstance(layer, keras.layers.RNN):
             step_layer = explicit(layer)
@@ -150,7 +164,8 @@ def make_step_model(model, batch_size):
         A `keras.Model`; `initial_states(step_model)` gives the zero states.
 
     Raises:
-        ValueError: as `to_streaming`, or for nested models and multiple outputs.
+        ValueError: as `to_streaming`, or for nested models, multiple outputs, and layers that
+            attach a mask (such as `Masking`): send only real tokens.
 
     Examples:
         >>> import numpy as np

@@ -78,3 +78,13 @@ def test_bad_streaming_arguments():
         np.concatenate([to_numpy(stream(x[:, t : t + 1])) for t in range(6)], 1),
         to_numpy(nested(x)),
     )
+
+
+def test_step_model_refuses_a_mask_by_name():
+    # One token at a time a masked token is not sent; a mask-producing layer is refused, not
+    # replayed with a graph that Keras' mask inputs would break.
+    inputs = keras.Input((None, 3))
+    x = keras.layers.Masking(name="pad")(inputs)
+    model = keras.Model(inputs, keras.layers.GRU(4, return_sequences=True)(x))
+    with pytest.raises(ValueError, match="Layer 'pad' .* attaches a mask"):
+        streaming.make_step_model(model, batch_size=2)
