@@ -14,12 +14,10 @@ from keras_aaren.layers.arguments import (
     PROJECTION,
     RECURRENT,
     VALUE_DIM,
-    resolve,
-    serialize,
-    split,
     takes,
 )
 from keras_aaren.layers.base import (
+    AttentionCell,
     ParallelRNN,
     check_float,
     check_token_shape,
@@ -28,7 +26,6 @@ from keras_aaren.layers.base import (
 )
 from keras_aaren.ops import aaren_scan, aaren_step
 from keras_aaren.ops.recurrence import scan_dtype
-from keras_aaren.validation import check_positive_int
 
 # The arguments of the cell after `num_heads` and `key_dim`.
 CELL_ARGUMENTS = (VALUE_DIM, OUTPUT_DIM, PROJECTION)
@@ -36,7 +33,7 @@ CELL_ARGUMENTS = (VALUE_DIM, OUTPUT_DIM, PROJECTION)
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
 @takes(*CELL_ARGUMENTS)
-class AarenCell(keras.layers.Layer):
+class AarenCell(AttentionCell):
     """Cell for the Aaren layer (Feng et al., "Attention as an RNN", arXiv 2405.13956).
 
     The cell processes one token at a time with a state of constant size, so a model trained with
@@ -98,19 +95,6 @@ class AarenCell(keras.layers.Layer):
         >>> tuple(y.shape)
         (4, 10, 16)
     """
-
-    def __init__(self, num_heads, key_dim, **kwargs):
-        check_positive_int("num_heads", num_heads)
-        check_positive_int("key_dim", key_dim)
-        values = resolve(self.arguments, split(self.arguments, kwargs))
-        super().__init__(**kwargs)
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        for name, value in values.items():
-            setattr(self, name, value)
-        if self.value_dim is None:
-            self.value_dim = key_dim
-        self.input_dim = None
 
     @property
     def output_size(self):
@@ -271,10 +255,6 @@ class AarenCell(keras.layers.Layer):
 
     def get_initial_state(self, batch_size=None):
         return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]
-
-    def get_config(self):
-        config = {"num_heads": self.num_heads, "key_dim": self.key_dim}
-        return {**super().get_config(), **config, **serialize(self.arguments, self)}
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")

@@ -12,19 +12,16 @@ from keras_aaren.layers.arguments import (
     PROJECTION,
     RECURRENT,
     VALUE_DIM,
-    resolve,
-    serialize,
-    split,
     takes,
 )
 from keras_aaren.layers.base import (
+    AttentionCell,
     ParallelRNN,
     check_float,
     check_token_shape,
     follow_input_width,
     init_sequence_layer,
 )
-from keras_aaren.validation import check_positive_int
 
 # The arguments of the block cell after `num_heads` and `key_dim`.
 CELL_ARGUMENTS = (VALUE_DIM, BLOCK, PROJECTION)
@@ -49,7 +46,7 @@ DropoutRNNCell = _dropout_rnn_cell()
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
 @takes(*CELL_ARGUMENTS)
-class AarenBlockCell(DropoutRNNCell, keras.layers.Layer):
+class AarenBlockCell(DropoutRNNCell, AttentionCell):
     """Cell of a Transformer encoder block whose attention is Aaren (arXiv 2405.13956).
 
     The block runs one token at a time with the constant-size state of its `AarenCell`; every
@@ -104,17 +101,7 @@ class AarenBlockCell(DropoutRNNCell, keras.layers.Layer):
     """
 
     def __init__(self, num_heads, key_dim, **kwargs):
-        check_positive_int("num_heads", num_heads)
-        check_positive_int("key_dim", key_dim)
-        values = resolve(self.arguments, split(self.arguments, kwargs))
-        super().__init__(**kwargs)
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        for name, value in values.items():
-            setattr(self, name, value)
-        if self.value_dim is None:
-            self.value_dim = key_dim
-        self.input_dim = None
+        super().__init__(num_heads, key_dim, **kwargs)
         self.attention = None
         # The step form's dropout masks (see `DropoutRNNCell`): one for the attention's output
         # and one for the feed-forward network's, drawn once per call of `keras.layers.RNN`.
@@ -227,10 +214,6 @@ class AarenBlockCell(DropoutRNNCell, keras.layers.Layer):
     def get_initial_state(self, batch_size=None):
         # The attention's output has the block's width, so its states have the block's sizes.
         return self.attention.get_initial_state(batch_size)
-
-    def get_config(self):
-        config = {"num_heads": self.num_heads, "key_dim": self.key_dim}
-        return {**super().get_config(), **config, **serialize(self.arguments, self)}
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")

@@ -246,6 +246,15 @@ def takes(*groups, defaults=None, cell_arguments=()):
     )
 
     def decorate(cls):
+        if "__init__" not in vars(cls):
+            # The signature is the class's own: inherited constructors get a wrapper to carry it.
+            inherited = cls.__init__
+
+            def __init__(self, *args, **kwargs):
+                inherited(self, *args, **kwargs)
+
+            __init__.__signature__ = inspect.signature(inherited)
+            cls.__init__ = __init__
         init = cls.__init__
         signature = inspect.signature(init)
         own = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]

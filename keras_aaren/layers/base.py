@@ -9,9 +9,9 @@ import sys
 import keras
 from keras import ops
 
-from keras_aaren.layers.arguments import RECURRENT, split
+from keras_aaren.layers.arguments import RECURRENT, resolve, serialize, split
 from keras_aaren.ops.scan import check_method
-from keras_aaren.validation import check_shape
+from keras_aaren.validation import check_positive_int, check_shape
 
 
 def check_float(layer, inputs):
@@ -31,6 +31,34 @@ def check_token_shape(layer, input_shape):
             f"Layer '{layer.name}' expects one token of shape (batch_size, features) with a "
             f"known `features`. Received: input_shape={tuple(input_shape)}"
         )
+
+
+class AttentionCell(keras.layers.Layer):
+    """The constructor and config the cells share: `num_heads`, `key_dim`, then `arguments`.
+
+    A subclass lists its further arguments with `arguments.takes`; they are checked, stored as
+    attributes (identifiers deserialized) and serialized by `get_config` from that one list.
+    `value_dim=None` means `key_dim`; `input_dim` is known once the cell is built.
+    """
+
+    arguments = ()
+
+    def __init__(self, num_heads, key_dim, **kwargs):
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("key_dim", key_dim)
+        values = resolve(self.arguments, split(self.arguments, kwargs))
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        for name, value in values.items():
+            setattr(self, name, value)
+        if self.value_dim is None:
+            self.value_dim = key_dim
+        self.input_dim = None
+
+    def get_config(self):
+        config = {"num_heads": self.num_heads, "key_dim": self.key_dim}
+        return {**super().get_config(), **config, **serialize(self.arguments, self)}
 
 
 def _check_sequences_shape(layer, shape):
