@@ -254,6 +254,8 @@ def takes(*groups, defaults=None, cell_arguments=()):
                 inherited(self, *args, **kwargs)
 
             __init__.__signature__ = inspect.signature(inherited)
+            __init__.__module__ = cls.__module__
+            __init__.__qualname__ = f"{cls.__qualname__}.__init__"
             cls.__init__ = __init__
         init = cls.__init__
         signature = inspect.signature(init)
