@@ -15,6 +15,7 @@ which `tf2onnx` cannot convert (a `PartitionedCall` op).
 """
 
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -263,14 +264,18 @@ def export_tflite(model, path, batch_size, quantization=None, representative_dat
             converter = tf.lite.TFLiteConverter.from_saved_model(saved)
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = lambda: iter(samples)
-            debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=converter,
-                debug_dataset=lambda: iter(samples),
-                debug_options=tf.lite.experimental.QuantizationDebugOptions(
-                    denylisted_ops=list(_FLOAT_OPS)
-                ),
-            )
-            flatbuffer = debugger.get_nondebug_quantized_model()
+            with warnings.catch_warnings():
+                # The debugger checks its model in TensorFlow's deprecated interpreter; the
+                # flatbuffer it writes is the same for LiteRT's.
+                warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+                debugger = tf.lite.experimental.QuantizationDebugger(
+                    converter=converter,
+                    debug_dataset=lambda: iter(samples),
+                    debug_options=tf.lite.experimental.QuantizationDebugOptions(
+                        denylisted_ops=list(_FLOAT_OPS)
+                    ),
+                )
+                flatbuffer = debugger.get_nondebug_quantized_model()
         with open(str(path), "wb") as f:
             f.write(flatbuffer)
         return str(path)
