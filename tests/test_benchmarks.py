@@ -289,3 +289,25 @@ def test_benchmark_arguments_are_checked(module, args, message, capsys):
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@tensorflow_only
+def test_edge_benchmark_smoke(tmp_path):
+    edge = importlib.import_module("benchmarks.edge")
+    argv = ["--quick", "--kinds", "aaren", "--output-dir", str(tmp_path)]
+    assert edge.main(argv) == 0
+    record = json.loads((tmp_path / "edge.json").read_text())
+    results = record["results"]
+    names = {f"aaren/{edge.variant_name(*variant)}" for variant in edge.VARIANTS}
+    assert set(results) == names
+    # The float32 steps reproduced the Keras model over a whole sequence.
+    float32 = {"aaren/litert_float32", "aaren/onnxruntime_float32"}
+    assert set(record["protocol"]["errors"]) == float32
+    assert record["protocol"]["float32_max_error"] < 1e-4
+    late = record["protocol"]["late"]
+    for row in results.values():
+        # Every runtime and precision carries the same float32 state.
+        assert row["state_bytes"] == results["aaren/litert_float32"]["state_bytes"] > 0
+        assert row["file_bytes"] > 0 and np.isfinite(row["max_abs_y"])
+        for token in (edge.START, late):
+            assert 0 < row[f"p50_ms_at_{token}"] <= row[f"p99_ms_at_{token}"]

@@ -8,8 +8,9 @@ Three forms of the same trained weights:
 * `make_step_model(model, batch_size)`: a stateless Keras model
   `[x_t, *states] -> [y_t, *new_states]`; `make_step_function` compiles it once
   (`tf.function` on TensorFlow, `jax.jit` on JAX) as `step(x_t, states) -> (y_t, new_states)`.
-* `export_saved_model(model, path, batch_size)` and `export_tflite(...)`: that step with a
-  `step` signature, for deployment without Python or Keras.
+* `export_saved_model(model, path, batch_size)`, `export_tflite(...)` and `export_onnx(...)`:
+  that step as a SavedModel, a LiteRT flatbuffer (float32, float16 or int8) or an ONNX graph
+  (float32 or int8), for TensorFlow Serving, LiteRT's interpreter and ONNX Runtime.
 
 The state of every recurrent layer is a fixed list of `(batch_size, size)` tensors (for Aaren:
 `[y, c]`, the previous output and the paper's state $(m, u, w)$ in one tensor); its size never
@@ -44,7 +45,7 @@ from keras_aaren.streaming.convert import (
     make_step_model,
     to_streaming,
 )
-from keras_aaren.streaming.export import export_saved_model, export_tflite
+from keras_aaren.streaming.export import export_onnx, export_saved_model, export_tflite
 from keras_aaren.streaming.state import (
     get_states,
     load_states,
@@ -65,4 +66,5 @@ __all__ = [
     "make_step_function",
     "export_saved_model",
     "export_tflite",
+    "export_onnx",
 ]
