@@ -58,9 +58,10 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # The export docstrings run TensorFlow's SavedModel and TFLite tools, which exist only there.
+    # The export docstrings run TensorFlow's SavedModel, LiteRT and ONNX converters, which exist
+    # only there.
     if keras.backend.backend() != "tensorflow":
-        skip = pytest.mark.skip(reason="SavedModel and TFLite export need the TensorFlow backend")
+        skip = pytest.mark.skip(reason="the exports need the TensorFlow backend")
         for item in items:
             if item.name.startswith("keras_aaren.streaming.export."):
                 item.add_marker(skip)

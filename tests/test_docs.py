@@ -37,6 +37,7 @@ PUBLIC = {
             "make_step_function",
             "export_saved_model",
             "export_tflite",
+            "export_onnx",
         )
     },
 }
