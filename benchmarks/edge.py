@@ -214,32 +214,34 @@ def main(argv=None):
     positions = {"start": START - 1, "late": args.late - 1}
 
     results, steps, snapshots, errors, infinite = {}, {}, {}, {}, []
-    with tempfile.TemporaryDirectory() as folder:
-        for kind in args.kinds:
-            model = sequence_model(kind, args.width, args.heads, args.depth)
-            expected = keras.ops.convert_to_numpy(model(check))[0]
-            reference = None
-            for runtime, quantization in VARIANTS:
-                name = f"{kind}/{variant_name(runtime, quantization)}"
-                path, step = export(model, runtime, quantization, folder, calibration)
-                if quantization is None:
-                    errors[name] = float(np.abs(replay(step, check[0][:, None]) - expected).max())
-                kept, largest, distance, finite, outputs = stream(
-                    step, xs, set(positions.values()), reference
-                )
-                if reference is None:
-                    reference = outputs
-                if not finite:
-                    infinite.append(name)
-                steps[name] = step
-                snapshots[name] = {where: kept[t] for where, t in positions.items()}
-                results[name] = {
-                    "file_bytes": os.path.getsize(path),
-                    "state_bytes": sum(4 * int(np.prod(s)) for s in step.shapes.values()),
-                    "max_abs_y": largest,
-                    "max_abs_y_minus_float32": distance,
-                }
-                print(f"{name}: exported and streamed {args.tokens} tokens", flush=True)
+    # The runtimes map their files: the folder lives until main returns, the timing included.
+    holder = tempfile.TemporaryDirectory()
+    folder = holder.name
+    for kind in args.kinds:
+        model = sequence_model(kind, args.width, args.heads, args.depth)
+        expected = keras.ops.convert_to_numpy(model(check))[0]
+        reference = None
+        for runtime, quantization in VARIANTS:
+            name = f"{kind}/{variant_name(runtime, quantization)}"
+            path, step = export(model, runtime, quantization, folder, calibration)
+            if quantization is None:
+                errors[name] = float(np.abs(replay(step, check[0][:, None]) - expected).max())
+            kept, largest, distance, finite, outputs = stream(
+                step, xs, set(positions.values()), reference
+            )
+            if reference is None:
+                reference = outputs
+            if not finite:
+                infinite.append(name)
+            steps[name] = step
+            snapshots[name] = {where: kept[t] for where, t in positions.items()}
+            results[name] = {
+                "file_bytes": os.path.getsize(path),
+                "state_bytes": sum(4 * int(np.prod(s)) for s in step.shapes.values()),
+                "max_abs_y": largest,
+                "max_abs_y_minus_float32": distance,
+            }
+            print(f"{name}: exported and streamed {args.tokens} tokens", flush=True)
     if refuse_if_wrong(errors, "its Keras model over the whole sequence"):
         return 1
     for name in infinite:
@@ -269,6 +271,8 @@ def main(argv=None):
     }
     path = write_json(record, args.output_dir, "edge.json", indent=1)
     print(f"wrote {path}")
+    steps.clear()  # the runtimes let go of their files before the folder goes
+    holder.cleanup()
     return 0
 
 
