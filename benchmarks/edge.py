@@ -115,8 +115,10 @@ class OnnxStep:
         return y, dict(zip(states, new))
 
 
-def export(model, runtime, quantization, folder, calibration):
-    name = variant_name(runtime, quantization)
+def export(model, kind, runtime, quantization, folder, calibration):
+    # One file per model and variant: LiteRT maps its file, so a file rewritten under a live
+    # interpreter would crash it.
+    name = f"{kind}_{variant_name(runtime, quantization)}"
     if runtime == "litert":
         path = export_tflite(
             model,
@@ -214,7 +216,7 @@ def main(argv=None):
     positions = {"start": START - 1, "late": args.late - 1}
 
     results, steps, snapshots, errors, infinite = {}, {}, {}, {}, []
-    # The runtimes map their files: the folder lives until main returns, the timing included.
+    # The runtimes map their files: the folder lives until the timing is done.
     holder = tempfile.TemporaryDirectory()
     folder = holder.name
     for kind in args.kinds:
@@ -223,7 +225,7 @@ def main(argv=None):
         reference = None
         for runtime, quantization in VARIANTS:
             name = f"{kind}/{variant_name(runtime, quantization)}"
-            path, step = export(model, runtime, quantization, folder, calibration)
+            path, step = export(model, kind, runtime, quantization, folder, calibration)
             if quantization is None:
                 errors[name] = float(np.abs(replay(step, check[0][:, None]) - expected).max())
             kept, largest, distance, finite, outputs = stream(
