@@ -39,9 +39,9 @@ from keras_aaren import streaming
 
 `gymnasium`'s MuJoCo locomotion tasks, version 5. D4RL reports a return `R` as the normalised
 score `100 * (R - random) / (expert - random)`, with reference returns of a random and an expert
-policy published per environment. Those references were measured on the v2 environments; this
-example applies them to v5, whose dynamics and rewards are the same model, so the normalised
-scores are comparable with published ones only approximately.
+policy published per environment. Those references were measured on the v2 environments
+(simulated through mujoco-py); this example applies them unchanged to v5, so its normalised
+scores compare with published D4RL scores only approximately.
 
 The target returns are those of the Decision Transformer paper (Chen et al., 2021).
 """
@@ -67,6 +67,10 @@ ENVS = {
     },
 }
 DATASETS = ("medium", "medium-replay")
+# Action noise (standard deviation) of the medium policy, and the exploration noise of the
+# medium-replay rollouts, from the first ARS iteration to the last.
+MEDIUM_NOISE = 0.1
+REPLAY_NOISE = (1.0, 0.05)
 # Returns-to-go enter the model divided by this, as in the Decision Transformer for MuJoCo.
 RETURN_SCALE = 1000.0
 
@@ -241,9 +245,9 @@ the cache.
 def collect(env, snapshots, name, steps, seed):
     rng = np.random.default_rng([seed, DATASETS.index(name)])
     if name == "medium":
-        schedule = [(snapshots[-1], 0.1, steps)]
+        schedule = [(snapshots[-1], MEDIUM_NOISE, steps)]
     else:
-        noises = np.linspace(1.0, 0.05, len(snapshots))
+        noises = np.linspace(*REPLAY_NOISE, len(snapshots))
         quotas = np.diff(np.linspace(0, steps, len(snapshots) + 1).round()).astype(int)
         schedule = list(zip(snapshots, noises, quotas))
     data = {key: [] for key in ("observations", "actions", "rewards", "terminals", "timeouts")}
@@ -265,6 +269,7 @@ def collect(env, snapshots, name, steps, seed):
 
 def load_dataset(name, dataset, args):
     """The dataset, from the cache or collected (training ARS first, cached too)."""
+    env = make_env(name, args.episode_steps)  # first: exits clearly if MuJoCo cannot start
     import gymnasium
 
     config = {
@@ -274,15 +279,16 @@ def load_dataset(name, dataset, args):
         "ars": ENVS[name]["ars"],
         "iterations": args.ars_iterations or ENVS[name]["ars_iterations"],
         "episode_steps": args.episode_steps,
+        "noise": (MEDIUM_NOISE, REPLAY_NOISE),
     }
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     folder = os.path.join(os.path.expanduser(args.cache_dir), "keras_aaren")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}-{dataset}-{args.dataset_steps}-{key}.npz")
     if os.path.exists(path):
+        env.close()
         with np.load(path) as cached:
             return dict(cached)
-    env = make_env(name, args.episode_steps)
     policy_path = os.path.join(folder, f"{name}-ars-{key}.npz")
     if os.path.exists(policy_path):
         with np.load(policy_path) as cached:
