@@ -101,6 +101,8 @@ def encoder(
     causal=False,
     readout="last",
     query_initializer=None,
+    positions=True,
+    masking=True,
 ):
     """Encodes `inputs` (B, T, features) with the model `kind`, one of `MODELS`.
 
@@ -111,15 +113,22 @@ def encoder(
     `query_initializer` only matters for Aaren: that of its learned query tokens (`None`, the
     layer's default N(0, 1), or `"zeros"`: every token starts with the same score, so each output
     starts as the running mean of the values).
+    `positions` only matters for the attention models: whether they add the sinusoidal position
+    encoding (`False` for inputs that carry their own notion of time, such as the Decision
+    Transformer's timestep embedding, which stays the same whether the model reads a window of
+    an episode or streams all of it).
+    `masking`: whether padded timesteps (`PAD`) are masked. `False` leaves out the `Masking`
+    layer and the Transformer's padding mask, for causal models whose inputs are padded only
+    after their real tokens, where padding cannot reach an output that counts.
     """
     if kind not in MODELS:
         raise ValueError(f"`kind` must be one of {MODELS}. Received: kind={kind!r}")
     if readout not in ("last", "mean"):
         raise ValueError(f"`readout` must be 'last' or 'mean'. Received: readout={readout!r}")
     key_dim = width // num_heads
-    x = keras.layers.Masking(mask_value=PAD)(inputs)
+    x = keras.layers.Masking(mask_value=PAD)(inputs) if masking else inputs
     x = keras.layers.Dense(width, name="input_projection")(x)
-    if kind != "lstm":
+    if kind != "lstm" and positions:
         x = SinePositionEncoding()(x)
     if kind == "aaren":
         for i in range(depth):
@@ -145,7 +154,7 @@ def encoder(
             x = keras.layers.LSTM(width, return_sequences=not last, name=f"lstm_{i + 1}")(x)
             x = keras.layers.Dropout(dropout)(x)
         return x
-    padding_mask = AttentionMask()(inputs)
+    padding_mask = AttentionMask()(inputs) if masking else None
     for i in range(depth):
         x = transformer_block(
             x,

@@ -183,3 +183,41 @@ def test_encoder_rejects_unknown_readout():
     baselines = load_example("baselines")
     with pytest.raises(ValueError, match="`readout` must be 'last' or 'mean'. Received: readout="):
         baselines.encoder(baselines.keras.Input((None, 3)), "aaren", readout="first")
+
+
+def test_decision_transformer_quick(tmp_path):
+    pytest.importorskip("gymnasium")
+    pytest.importorskip("mujoco")
+    import numpy as np
+
+    example = load_example("decision_transformer")
+    cache = str(tmp_path / "cache")
+    result = example.main(["--quick", "--output-dir", str(tmp_path), "--cache-dir", cache])
+    # The streamed Aaren DTs act with the parallel models' actions on every recorded episode,
+    # whatever they learned in one epoch.
+    assert result["max_diff"] < 1e-4
+    acting = {(row["model"], row["mode"]) for row in result["results"]}
+    assert acting == {
+        ("behaviour policy", "dataset"),
+        ("transformer DT", "window"),
+        ("aaren DT", "window"),
+        ("aaren DT", "stream"),
+        ("aaren DT, whole episodes", "stream"),
+    }
+    # Same width and depth: the parameter counts differ by Aaren's query tokens only.
+    params = {row["model"]: row["params"] for row in result["results"] if "params" in row}
+    assert abs(params["aaren DT"] / params["transformer DT"] - 1) < 0.01
+    assert os.path.getsize(result["plot"]) > 0 and os.path.getsize(result["latency_plot"]) > 0
+
+    # The dataset is a function of the seed: collected again in an empty cache, it is the same,
+    # and its episodes end as D4RL's do (HalfCheetah never terminates, so each hits the limit).
+    args = example.parse_args(["--quick", "--cache-dir", str(tmp_path / "again")])
+    cached = example.load_dataset(
+        "halfcheetah", "medium", example.parse_args(["--quick", "--cache-dir", cache])
+    )
+    fresh = example.load_dataset("halfcheetah", "medium", args)
+    for key in cached:
+        np.testing.assert_array_equal(cached[key], fresh[key], err_msg=key)
+    lengths = [len(e["rewards"]) for e in example.split_episodes(fresh)]
+    assert lengths == [args.episode_steps] * fresh["timeouts"].sum()
+    assert not fresh["terminals"].any() and sum(lengths) == len(fresh["rewards"])
