@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_aaren import Aaren, AarenCell
+from keras_aaren import Aaren, AarenBlock, AarenCell
 from keras_aaren.ops import aaren_attention_naive, full_precision_matmuls
 
 BACKENDS = ("tensorflow", "jax")
@@ -425,3 +425,14 @@ def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def sequence_model(kind, width, heads, depth):
+    """`depth` layers of `kind` (`"aaren"`: `AarenBlock`s; `"lstm"`) over `(B, T, width)`."""
+    layers = [keras.Input((None, width))]
+    for _ in range(depth):
+        if kind == "aaren":
+            layers.append(AarenBlock(heads, width // heads))
+        else:
+            layers.append(keras.layers.LSTM(width, return_sequences=True))
+    return keras.Sequential(layers)

@@ -36,8 +36,14 @@ import time
 import keras
 import numpy as np
 
-from benchmarks.common import in_turns, machine, refuse_if_wrong, require_backend, write_json
-from keras_aaren import AarenBlock
+from benchmarks.common import (
+    in_turns,
+    machine,
+    refuse_if_wrong,
+    require_backend,
+    sequence_model,
+    write_json,
+)
 from keras_aaren.streaming import export_onnx, export_tflite
 
 # The token (counted from 1) whose latency stands for the start of the stream.
@@ -62,17 +68,6 @@ QUICK = {
     "rounds": 1,
     "calibration": 2,
 }
-
-
-def sequence_model(kind, width, heads, depth):
-    """`depth` layers of `kind` (`"aaren"`: `AarenBlock`s; `"lstm"`) over `(B, T, width)`."""
-    layers = [keras.Input((None, width))]
-    for _ in range(depth):
-        if kind == "aaren":
-            layers.append(AarenBlock(heads, width // heads))
-        else:
-            layers.append(keras.layers.LSTM(width, return_sequences=True))
-    return keras.Sequential(layers)
 
 
 def variant_name(runtime, quantization):

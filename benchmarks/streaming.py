@@ -46,27 +46,16 @@ from benchmarks.common import (
     pyplot,
     refuse_if_wrong,
     require_backend,
+    sequence_model,
     status_bytes,
     write_json,
 )
-from keras_aaren import AarenBlock
 from keras_aaren.streaming import make_step_function
 
 # The token (counted from 1) whose latency stands for the start of the stream.
 START = 16
 # The Keras models served through a step function, by name.
 KERAS_MODELS = ("aaren", "lstm")
-
-
-def sequence_model(kind, width, heads, depth):
-    """`depth` layers of `kind` (`"aaren"`: `AarenBlock`s; `"lstm"`) over `(B, T, width)`."""
-    layers = [keras.Input((None, width))]
-    for _ in range(depth):
-        if kind == "aaren":
-            layers.append(AarenBlock(heads, width // heads))
-        else:
-            layers.append(keras.layers.LSTM(width, return_sequences=True))
-    return keras.Sequential(layers)
 
 
 class KerasStream:

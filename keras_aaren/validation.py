@@ -33,5 +33,10 @@ def check_shape(name, shape, expected, layout=None):
     shape = tuple(shape)
     expected = tuple(expected)
     if not _dims_match(shape, expected):
-        described = f"{layout} = {expected}" if layout else f"{expected}"
+        if layout is None:
+            described = f"{expected}"
+        elif all(e is None for e in expected):
+            described = layout  # only the rank is known: the layout says it
+        else:
+            described = f"{layout} = {expected}"
         raise ValueError(f"`{name}` must have shape {described}. Received: {name}.shape={shape}")

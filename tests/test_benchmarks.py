@@ -240,7 +240,7 @@ def test_streaming_timing_leaves_the_stream_alone():
     def values(states):
         return [keras.ops.convert_to_numpy(s) for s in states]
 
-    run = streaming.KerasStream(streaming.sequence_model("aaren", 8, 2, 1))
+    run = streaming.KerasStream(common.sequence_model("aaren", 8, 2, 1))
     xs = np.random.default_rng(0).normal(size=(3, 1, 8)).astype("float32")
     run(xs[0])
     saved = run.snapshot()

@@ -23,23 +23,7 @@ PUBLIC = {
     **{name: getattr(keras_aaren, name) for name in ("Aaren", "AarenCell", "AarenBlock")},
     "AarenBlockCell": keras_aaren.AarenBlockCell,
     **{name: getattr(ops, name) for name in ops.__all__ if name != "METHODS"},
-    **{
-        name: getattr(streaming, name)
-        for name in (
-            "to_streaming",
-            "reset_states",
-            "get_states",
-            "set_states",
-            "save_states",
-            "load_states",
-            "make_step_model",
-            "initial_states",
-            "make_step_function",
-            "export_saved_model",
-            "export_tflite",
-            "export_onnx",
-        )
-    },
+    **{name: getattr(streaming, name) for name in streaming.__all__},
 }
 
 CHROMIUM = shutil.which("chromium")

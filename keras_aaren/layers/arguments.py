@@ -14,6 +14,7 @@ import textwrap
 
 import keras
 
+from keras_aaren.ops.scan import check_method
 from keras_aaren.validation import check_positive_int
 
 
@@ -170,8 +171,6 @@ def _check(argument, value):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"`{name}` must be an integer or None. Received: {name}={value!r}")
     elif kind == "method":
-        from keras_aaren.ops.scan import check_method
-
         check_method(value)
 
 

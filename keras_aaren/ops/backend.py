@@ -8,6 +8,7 @@ here and nowhere else.
 
 import contextlib
 import functools
+import math
 
 from keras import backend, ops
 
@@ -91,7 +92,7 @@ def _pack(tensors):
 def _unpack(flat, shapes):
     tensors, start = [], 0
     for shape in shapes:
-        size = int(functools.reduce(lambda a, b: a * b, shape, 1))
+        size = math.prod(shape)
         tensors.append(ops.reshape(flat[start : start + size], shape))
         start += size
     return tensors

@@ -22,14 +22,6 @@ def check_method(method):
         raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
 
 
-def _check_rank(name, x, layout):
-    if len(x.shape) != len(layout):
-        raise ValueError(
-            f"`{name}` must have rank {len(layout)} with shape ({', '.join(layout)}). "
-            f"Received: {name}.shape={tuple(x.shape)}"
-        )
-
-
 def _validate(scores, values, initial_state, mask, method, chunk_size):
     check_method(method)
     # A chunk must hold at least 2 tokens for the prefix over chunk summaries to be shorter than
@@ -38,8 +30,9 @@ def _validate(scores, values, initial_state, mask, method, chunk_size):
         raise ValueError(
             f"`chunk_size` must be an integer >= 2. Received: chunk_size={chunk_size!r}"
         )
-    _check_rank("scores", scores, ("batch_size", "timesteps", "num_heads"))
-    _check_rank("values", values, ("batch_size", "timesteps", "num_heads", "value_dim"))
+    check_shape("scores", scores.shape, (None,) * 3, "(batch_size, timesteps, num_heads)")
+    layout = "(batch_size, timesteps, num_heads, value_dim)"
+    check_shape("values", values.shape, (None,) * 4, layout)
     b, t, h = scores.shape
     d = values.shape[-1]
     if t == 0:
@@ -47,7 +40,6 @@ def _validate(scores, values, initial_state, mask, method, chunk_size):
             "`scores` and `values` must hold at least one timestep (axis 1, `timesteps`). "
             f"Received: scores.shape={tuple(scores.shape)}"
         )
-    layout = "(batch_size, timesteps, num_heads, value_dim)"
     check_shape("values", values.shape, (b, t, h, d), layout)
     if mask is not None:
         check_shape("mask", mask.shape, (b, t), "(batch_size, timesteps)")
@@ -133,18 +125,6 @@ def aaren_scan(
     return run(scores, values, initial_state, mask, method, chunk_size)
 
 
-_ALGORITHMS = {
-    "sequential": lambda scores, values, state, mask, chunk_size: scan_sequential(
-        scores, values, state, mask
-    ),
-    "associative": lambda scores, values, state, mask, chunk_size: scan_associative(
-        scores, values, state, mask
-    ),
-    "chunked": scan_chunked,
-    "auto": scan_chunked,
-}
-
-
 def _scan(scores, values, initial_state, mask, method, chunk_size):
     """`aaren_scan` once its arguments are tensors and valid."""
     if mask is not None:
@@ -159,7 +139,12 @@ def _scan(scores, values, initial_state, mask, method, chunk_size):
         start = tuple(ops.zeros_like(x) for x in identity_state(b, h, d, dtype))
     else:
         start = tuple(ops.cast(x, dtype) for x in initial_state)
-    outputs, final = _ALGORITHMS[method](scores, values, start, mask, chunk_size)
+    if method == "sequential":
+        outputs, final = scan_sequential(scores, values, start, mask)
+    elif method == "associative":
+        outputs, final = scan_associative(scores, values, start, mask)
+    else:
+        outputs, final = scan_chunked(scores, values, start, mask, chunk_size)
     # A row that saw nothing keeps the state it started from, exactly as an RNN that skips its
     # masked steps does.
     seen = final[1] > 0

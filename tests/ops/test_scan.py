@@ -311,8 +311,14 @@ def _bad(**changes):
         ({"method": "parallel"}, "`method` must be one of"),
         ({"chunk_size": 0}, "`chunk_size` must be an integer >= 2"),
         ({"chunk_size": 1}, "`chunk_size` must be an integer >= 2. Received: chunk_size=1"),
-        ({"scores": np.zeros((2, 5), "float32")}, "`scores` must have rank 3"),
-        ({"values": np.zeros((2, 5, 3), "float32")}, "`values` must have rank 4"),
+        (
+            {"scores": np.zeros((2, 5), "float32")},
+            r"\(batch_size, timesteps, num_heads\)\. Received: scores.shape=\(2, 5\)",
+        ),
+        (
+            {"values": np.zeros((2, 5, 3), "float32")},
+            r"`values` must have shape \(batch_size, timesteps, num_heads, value_dim\)\.",
+        ),
         ({"values": np.zeros((2, 6, 3, 4), "float32")}, "Received: values.shape=\\(2, 6, 3, 4\\)"),
         ({"mask": np.ones((2, 4), bool)}, "Received: mask.shape=\\(2, 4\\)"),
         ({"mask": np.ones((2, 5, 1), bool)}, "`mask` must have shape \\(batch_size, timesteps\\)"),
