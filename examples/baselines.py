@@ -174,9 +174,9 @@ def pad(sequences):
     return keras.utils.pad_sequences(sequences, padding="post", dtype="float32", value=PAD)
 
 
-def mean_std(values):
+def mean_std(values, digits=3):
     """`"mean ± std"` of a list of numbers, as the results tables print them."""
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def write_outputs(stem, results, table_lines, plot):

@@ -88,12 +88,14 @@ def parse_args(argv=None):
     parser.add_argument("--context", type=int, default=20, help="K, in timesteps")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--steps-per-epoch", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--steps-per-epoch", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=64, help="windows of K timesteps")
     parser.add_argument("--episode-batch-size", type=int, default=4, help="whole episodes")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--episodes", type=int, default=5, help="evaluation episodes per target")
+    parser.add_argument(
+        "--episodes", type=int, default=10, help="evaluation episodes per target and seed"
+    )
     parser.add_argument(
         "--cache-dir", default=os.path.join(os.path.expanduser("~"), ".keras", "datasets")
     )
@@ -501,10 +503,10 @@ the state and the timestep, and answers an action. Two ways to run the same trai
 * **window**: rebuild the last K timesteps as 3K tokens and run the parallel model on them (how
   the DT acts; the only way for softmax attention, whose cost grows with its context);
 * **stream**: `keras_aaren.streaming.make_step_function` turns the Aaren model into a step
-  `token, state -> output, state`. Each step feeds the previous action's token, then the
-  return-to-go's, then the state's, and reads the action from the last. The state has a fixed
-  size and carries the whole episode, not just K steps, so the stream sees more than the window
-  for the same cost per step.
+  `tokens, state -> outputs, state`. Each decision feeds the timestep's new tokens in one call
+  (`tokens_per_call=3`: the previous action's, the return-to-go's, the state's) and reads the
+  action from the last. The state has a fixed size and carries the whole episode, not just K
+  steps, so the stream sees more than the window for the same cost per step.
 """
 
 
@@ -517,6 +519,10 @@ class WindowPolicy:
 
     def reset(self):
         self.rtg, self.states, self.actions, self.timesteps = [], [], [], []
+
+    def memory(self):
+        """Bytes kept between decisions: the last K timesteps' tokens, recomputed each step."""
+        return 3 * self.context * (1 + sum(self.sizes) + 4) * 4
 
     def act(self, rtg, state, timestep):
         self.rtg.append(rtg)
@@ -540,32 +546,42 @@ class WindowPolicy:
 
 
 class StreamPolicy:
+    """Each decision is one call of a compiled step over the timestep's new tokens: the previous
+    action, the return-to-go and the state (at t = 0, the last two)."""
+
     def __init__(self, model, state_size, action_size):
-        self.step = streaming.make_step_function(model, batch_size=1)
+        self.first = streaming.make_step_function(model, batch_size=1, tokens_per_call=2)
+        self.step = streaming.make_step_function(model, batch_size=1, tokens_per_call=3)
         self.sizes = (state_size, action_size)
+        # Compile both steps before the episode, so that latencies are those of acting.
         self.reset()
-        self.feed(self.token(0))  # compiles the step before the episode
+        self.act(0.0, np.zeros(state_size, "float32"), 0)
+        self.act(0.0, np.zeros(state_size, "float32"), 1)
+        self.reset()
 
     def reset(self):
         self.states = self.step.initial_states()
         self.previous = None
         self.tokens, self.outputs = [], []
 
-    def feed(self, token):
-        self.tokens.append(token)
-        output, self.states = self.step(token[None], self.states)
-        return output
-
     def act(self, rtg, state, timestep):
+        tokens = [
+            self.token(0, rtg=rtg, timestep=timestep),
+            self.token(1, state=state, timestep=timestep),
+        ]
+        step = self.first
         if self.previous is not None:
-            self.feed(self.token(2, action=self.previous, timestep=timestep - 1))
-        self.feed(self.token(0, rtg=rtg, timestep=timestep))
-        action = keras.ops.convert_to_numpy(
-            self.feed(self.token(1, state=state, timestep=timestep))
-        )
-        self.previous = action[0]
+            tokens.insert(0, self.token(2, action=self.previous, timestep=timestep - 1))
+            step = self.step
+        self.tokens += tokens
+        outputs, self.states = step(np.stack(tokens)[None], self.states)
+        self.previous = keras.ops.convert_to_numpy(outputs)[0, -1]
         self.outputs.append(self.previous)
         return self.previous
+
+    def memory(self):
+        """Bytes kept between decisions: the state, the same at every step of the episode."""
+        return sum(int(np.asarray(s).nbytes) for s in self.states)
 
     def token(self, kind, rtg=0.0, state=None, action=None, timestep=0):
         state_size, action_size = self.sizes
@@ -628,7 +644,7 @@ def main(argv=None):
             state_size, action_size = data["observations"].shape[1], data["actions"].shape[1]
             print(
                 f"{name}-{dataset}: {len(data['rewards'])} steps, {len(episodes)} episodes, "
-                f"behaviour return {mean_std(behaviour)}"
+                f"behaviour return {mean_std(behaviour, 0)}"
             )
             results.append(
                 {
@@ -705,6 +721,7 @@ def main(argv=None):
                                 "final_loss": losses[-1],
                                 "seconds": seconds,
                                 "latency_ms": 1e3 * float(np.median(decisions)),
+                                "memory_bytes": policy.memory(),
                             }
                         )
                         print(
@@ -726,31 +743,32 @@ def main(argv=None):
 
 
 def table(results):
+    """One row per model, way of acting and target: the mean return of each seed's episodes,
+    then the mean ± std of those over the seeds (for the behaviour policy, over the dataset's
+    episodes), the training time and the median decision latency."""
     lines = [
         "| env | dataset | model | acting | target | return | normalised | parameters | "
-        "latency per step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "training | latency per step | kept between steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups = {}
     for row in results:
         key = (row["env"], row["dataset"], row["model"], row["mode"], row["target"])
         groups.setdefault(key, []).append(row)
     for (env, dataset, model, mode, target), rows in groups.items():
-        # Every evaluation episode of every seed (for the behaviour policy: every episode of
-        # the dataset). Episodes differ more than seeds: a HalfCheetah that flips over stays on
-        # its back.
-        returns = [value for r in rows for value in r["returns"]]
+        returns = [np.mean(r["returns"]) for r in rows] if target else rows[0]["returns"]
         scores = [normalized_score(env, value) for value in returns]
-        params = rows[0].get("params", "-")
-        latency = (
-            f"{np.median([r['latency_ms'] for r in rows]):.2f} ms"
-            if "latency_ms" in rows[0]
-            else "-"
-        )
+        if target is None:
+            params = training = latency = memory = "-"
+        else:
+            params = rows[0]["params"]
+            training = f"{np.median([r['seconds'] for r in rows]):.0f} s"
+            latency = f"{np.median([r['latency_ms'] for r in rows]):.2f} ms"
+            memory = f"{rows[0]['memory_bytes']} bytes"
         lines.append(
             f"| {env} | {dataset} | {model} | {mode} | "
-            f"{'-' if target is None else int(target)} | {mean_std(returns)} | "
-            f"{mean_std(scores)} | {params} | {latency} |"
+            f"{'-' if target is None else int(target)} | {mean_std(returns, 0)} | "
+            f"{mean_std(scores, 1)} | {params} | {training} | {latency} | {memory} |"
         )
     return lines
 

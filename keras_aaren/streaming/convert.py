@@ -210,26 +210,37 @@ def initial_states(step_model):
     return [np.zeros(x.shape, dtype=x.dtype) for x in step_model.inputs[1:]]
 
 
-def _check_step_inputs(step_model, x, states):
-    expected = tuple(step_model.inputs[0].shape)
+def _check_step_inputs(step_model, x, states, tokens_per_call):
+    token = tuple(step_model.inputs[0].shape)
+    if tokens_per_call == 1:
+        expected, what = token, "one token of shape (batch_size, features)"
+    else:
+        expected = (token[0], tokens_per_call, *token[1:])
+        what = "`tokens_per_call` tokens of shape (batch_size, tokens_per_call, features)"
     if tuple(np.shape(x)) != expected:
-        raise ValueError(
-            f"`x` must be one token of shape (batch_size, features) = {expected}. "
-            f"Received: x.shape={tuple(np.shape(x))}"
-        )
+        raise ValueError(f"`x` must be {what} = {expected}. Received: x.shape={tuple(np.shape(x))}")
     expected_states = [tuple(s.shape) for s in step_model.inputs[1:]]
     received = [tuple(np.shape(s)) for s in states]
     if received != expected_states:
         raise ValueError(f"`states` must have shapes {expected_states}. Received: {received}")
 
 
-def make_step_function(model, batch_size, jit_compile=None):
+def make_step_function(model, batch_size, jit_compile=None, tokens_per_call=1):
     """`step(x_t, states) -> (y_t, new_states)`, compiled once, for serving a stream.
+
+    A small model's step costs little beside the cost of calling it. When several tokens are at
+    hand together (a Decision Transformer's return, state and action tokens of one timestep, a
+    sensor's readings since the last call), `tokens_per_call` feeds them in one call: the step
+    runs once per token inside the compiled function, and the result is the same as that many
+    calls.
 
     Args:
         model: as for `make_step_model`.
         batch_size: int, the number of streams served side by side.
         jit_compile: on TensorFlow, passed to `tf.function` (None: TensorFlow's default).
+        tokens_per_call: int, the tokens each call takes, in order. With 1 (the default), `x_t`
+            is one token `(batch_size, features)` and `y_t` its output; with more, `x_t` is
+            `(batch_size, tokens_per_call, features)` and `y_t` stacks the outputs on axis 1.
 
     Returns:
         A function `step(x_t, states)`, with the step model as `step.model` and
@@ -238,7 +249,8 @@ def make_step_function(model, batch_size, jit_compile=None):
         other backends it calls the step model directly.
 
     Raises:
-        ValueError: as `make_step_model`; when called, if `x_t` or `states` has the wrong shape.
+        ValueError: as `make_step_model`; if `tokens_per_call` is not a positive integer; when
+            called, if `x_t` or `states` has the wrong shape.
 
     Examples:
         >>> import numpy as np
@@ -256,22 +268,39 @@ def make_step_function(model, batch_size, jit_compile=None):
         >>> bool(np.allclose(np.stack(outputs, axis=1), model.predict(x, verbose=0), atol=1e-5))
         True
     """
+    check_positive_int("tokens_per_call", tokens_per_call)
     step_model = make_step_model(model, batch_size)
 
-    def run(x, states):
-        inputs = [keras.ops.convert_to_tensor(t) for t in (x, *states)]
-        results = step_model(inputs, training=False)
+    def over_tokens(one_token, x, states):
+        # Unrolled: the number of tokens is fixed when the function is traced.
+        if tokens_per_call == 1:
+            return one_token(x, states)
+        outputs = []
+        for k in range(tokens_per_call):
+            y, states = one_token(x[:, k], states)
+            outputs.append(y)
+        return keras.ops.stack(outputs, axis=1), states
+
+    def one_token(x, states):
+        results = step_model([x, *states], training=False)
         return results[0], list(results[1:])
+
+    def run(x, states):
+        x, *states = [keras.ops.convert_to_tensor(t) for t in (x, *states)]
+        return over_tokens(one_token, x, states)
 
     if keras.backend.backend() == "jax":
         import jax
 
         @jax.jit
         def pure_step(trainable, non_trainable, x, states):
-            results, _ = step_model.stateless_call(
-                trainable, non_trainable, [x, *states], training=False
-            )
-            return results[0], list(results[1:])
+            def one_stateless_token(x, states):
+                results, _ = step_model.stateless_call(
+                    trainable, non_trainable, [x, *states], training=False
+                )
+                return results[0], list(results[1:])
+
+            return over_tokens(one_stateless_token, x, states)
 
         def call(x, states):
             # A stateless call takes the weights as arguments: reading them at every call keeps
@@ -284,7 +313,14 @@ def make_step_function(model, batch_size, jit_compile=None):
     elif keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        signature = [tf.TensorSpec(t.shape, t.dtype) for t in step_model.inputs]
+        token, *states = step_model.inputs
+        shape = (
+            token.shape
+            if tokens_per_call == 1
+            else (token.shape[0], tokens_per_call, *token.shape[1:])
+        )
+        signature = [tf.TensorSpec(shape, token.dtype)]
+        signature += [tf.TensorSpec(t.shape, t.dtype) for t in states]
         # Calling the traced concrete function skips tf.function's matching of the arguments
         # against its signature, which it would redo for every state tensor at every step: in a
         # small model that matching is a large part of the step.
@@ -307,7 +343,7 @@ def make_step_function(model, batch_size, jit_compile=None):
         call = run
 
     def step(x, states):
-        _check_step_inputs(step_model, x, states)
+        _check_step_inputs(step_model, x, states, tokens_per_call)
         return call(x, list(states))
 
     step.model = step_model

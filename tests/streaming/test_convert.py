@@ -48,6 +48,27 @@ def test_step_function_matches_parallel(model_and_data):
     assert_close(np.stack(outputs, axis=1), expected)
 
 
+@pytest.mark.parametrize("tokens_per_call", [3, 8], ids=lambda n: f"N{n}")
+def test_step_function_takes_several_tokens_per_call(model_and_data, tokens_per_call):
+    # 24 tokens in calls of 3 or 8, the state carried from call to call.
+    model, x, expected = model_and_data
+    step = streaming.make_step_function(model, BATCH, tokens_per_call=tokens_per_call)
+    states = step.initial_states()
+    outputs = []
+    for t in range(0, STEPS, tokens_per_call):
+        y, states = step(x[:, t : t + tokens_per_call], states)
+        assert tuple(y.shape) == (BATCH, tokens_per_call, *expected.shape[2:])
+        outputs.append(to_numpy(y))
+    assert_close(np.concatenate(outputs, axis=1), expected)
+    # The final state is the one-token step's after the same tokens.
+    one = streaming.make_step_function(model, BATCH)
+    single = one.initial_states()
+    for t in range(STEPS):
+        _, single = one(x[:, t], single)
+    for a, b in zip(states, single):
+        assert_close(to_numpy(a), to_numpy(b))
+
+
 def test_bad_streaming_arguments():
     model = sequential_blocks()
     for batch_size in (0, True, 2.0):
@@ -68,6 +89,12 @@ def test_bad_streaming_arguments():
         step(np.zeros((BATCH, 4), "float32"), states)
     with pytest.raises(ValueError, match="`states` must have shapes"):
         step(np.zeros((BATCH, 3), "float32"), states[:-1])
+    for tokens_per_call in (0, 1.5, "3"):
+        with pytest.raises(ValueError, match=r"`tokens_per_call` must be a positive integer"):
+            streaming.make_step_function(model, BATCH, tokens_per_call=tokens_per_call)
+    chunk = streaming.make_step_function(model, BATCH, tokens_per_call=3)
+    with pytest.raises(ValueError, match=r"`x` must be `tokens_per_call` tokens .* = \(2, 3, 3\)"):
+        chunk(np.zeros((BATCH, 3), "float32"), states)
     inner = keras.Sequential([keras.Input((None, WIDTH)), AarenBlock(2, 4, ffn_dim=8)])
     nested = keras.Sequential([keras.Input((None, 3)), keras.layers.Dense(WIDTH), inner])
     with pytest.raises(ValueError, match="nested model"):
