@@ -13,17 +13,27 @@ int8) and each file serves one stream of `--tokens` random tokens, a call per to
 state passed back in, in LiteRT's interpreter (`ai-edge-litert`, `num_threads=1`) or an
 ONNX Runtime session (one intra-op and one inter-op thread).
 
-Reported per model and variant: the file size, the state in bytes, the p50 and p99 per-token
-latency at token 16 and at token `--late`, the largest |y| of the stream and its largest
-distance from the LiteRT float32 step's y at the same tokens. The latencies are timed after the
-stream from the states kept before those tokens, `--rounds` rounds of `--window` calls, each
-round starting one (variant, position) further along, so that a slow spell of a shared machine
-is spread over all of them (as in `benchmarks.streaming`).
+Beside them, `transformer_kv`: four post-norm blocks of causal `keras.layers.MultiHeadAttention`
+(the AarenBlock's layout) decoding with a KV cache. Its step takes the token and every block's
+cached keys and values, and returns the output and the token's own keys and values, which the
+caller appends. LiteRT plans its memory for fixed shapes, so a step is exported (float32, with
+Keras' `model.export`) for each cache length timed: 15 entries for token 16, `--late - 1` for
+token `--late`. Its cost and its cache grow with the tokens seen.
+
+Reported per model and variant: the file size, the state (or cache) in bytes, the p50 and p99
+per-token latency at token 16 and at token `--late`, the largest |y| of the stream and its
+largest distance from the LiteRT float32 step's y at the same tokens. The latencies are timed
+after the stream from the states kept before those tokens, `--rounds` rounds of `--window`
+calls, each round starting one (variant, position) further along, so that a slow spell of a
+shared machine is spread over all of them (as in `benchmarks.streaming`). Then the throughput of
+`--streams` concurrent streams (a batch of that many, one call per token of all of them) in
+tokens per second, for the LiteRT float32 steps of Aaren and the LSTM stack.
 
 It refuses to report (exit status 1) unless every float32 step reproduces its Keras model run
-over a 32-token sequence at once, and unless every variant's outputs and state stay finite over
-the whole stream (Aaren's running sums grow with every token: the soak checks that no precision
-lets them overflow). Results go to `<output-dir>/edge.json`.
+over a 32-token sequence at once (the KV-cache step: at token 16 and over 32 tokens stepped in
+Keras), and unless every variant's outputs and state stay finite over the whole stream (Aaren's
+running sums grow with every token: the soak checks that no precision lets them overflow).
+Results go to `<output-dir>/edge.json` and `edge.png`.
 """
 
 import argparse
@@ -39,6 +49,7 @@ import numpy as np
 from benchmarks.common import (
     in_turns,
     machine,
+    pyplot,
     refuse_if_wrong,
     require_backend,
     sequence_model,
@@ -57,7 +68,9 @@ VARIANTS = (
     ("onnxruntime", None),
     ("onnxruntime", "dynamic_int8"),
 )
-KINDS = ("aaren", "lstm")
+KINDS = ("aaren", "lstm", "transformer_kv")
+# Concurrent streams whose throughput is measured.
+STREAMS = (1, 64, 1024)
 QUICK = {
     "tokens": 200,
     "late": 128,
@@ -67,6 +80,7 @@ QUICK = {
     "window": 4,
     "rounds": 1,
     "calibration": 2,
+    "streams": [1, 4],
 }
 
 
@@ -108,6 +122,118 @@ class OnnxStep:
     def __call__(self, x, states):
         y, *new = self.session.run(self.outputs, {"x": x, **states})
         return y, dict(zip(states, new))
+
+
+def transformer_model(width, heads, depth):
+    """`depth` post-norm blocks of causal self-attention and a ReLU feed-forward network of
+    `4 * width`, the AarenBlock's layout, over `(B, T, width)`."""
+    inputs = keras.Input((None, width))
+    x = inputs
+    for i in range(depth):
+        attention = keras.layers.MultiHeadAttention(heads, width // heads, name=f"attention_{i}")
+        x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"attention_norm_{i}")(
+            x + attention(x, x, use_causal_mask=True)
+        )
+        hidden = keras.layers.Dense(4 * width, activation="relu", name=f"ffn_in_{i}")(x)
+        x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"ffn_norm_{i}")(
+            x + keras.layers.Dense(width, name=f"ffn_out_{i}")(hidden)
+        )
+    return keras.Model(inputs, x)
+
+
+class CachedAttention(keras.layers.Layer):
+    """One token's attention over the cached keys and values and its own, with the weights of
+    a trained `MultiHeadAttention`: `(x, keys, values) -> (attended, key, value)`, `x` of shape
+    `(B, width)`, the caches `(B, L, heads, dim)`, the token's key and value `(B, 1, heads, dim)`.
+    """
+
+    def __init__(self, attention, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = attention
+
+    def call(self, x, keys, values):
+        # The attention's variables by their last two path parts: "query/kernel", ...
+        weights = {"/".join(v.path.split("/")[-2:]): v for v in self.attention.weights}
+        ops = keras.ops
+
+        def project(name, t):  # (B, width) -> (B, heads, dim)
+            kernel, bias = weights[f"{name}/kernel"], weights[f"{name}/bias"]
+            return ops.einsum("bw,whd->bhd", t, kernel) + bias
+
+        query, key, value = (project(n, x) for n in ("query", "key", "value"))
+        keys = ops.concatenate([keys, key[:, None]], axis=1)  # (B, L + 1, heads, dim)
+        values = ops.concatenate([values, value[:, None]], axis=1)
+        scale = 1.0 / float(np.sqrt(query.shape[-1]))
+        scores = ops.softmax(ops.einsum("bhd,blhd->bhl", query * scale, keys), axis=-1)
+        attended = ops.einsum("bhl,blhd->bhd", scores, values)
+        output = ops.einsum("bhd,hdw->bw", attended, weights["attention_output/kernel"])
+        return output + weights["attention_output/bias"], key[:, None], value[:, None]
+
+
+def transformer_step_model(model, cache_length, batch_size=1):
+    """The KV-cache step of `transformer_model`, the caches of `cache_length` entries (`None`:
+    any), with named inputs `x, keys_i, values_i` and outputs `y, new_keys_i, new_values_i`."""
+    width = model.inputs[0].shape[-1]
+    attentions = [
+        layer for layer in model.layers if isinstance(layer, keras.layers.MultiHeadAttention)
+    ]
+    heads, dim = attentions[0].num_heads, attentions[0].key_dim
+    x = keras.Input(batch_shape=(batch_size, width), name="x")
+    inputs, outputs, h = [x], {}, x
+    for i, attention in enumerate(attentions):
+        cache = [
+            keras.Input(batch_shape=(batch_size, cache_length, heads, dim), name=f"{n}_{i}")
+            for n in ("keys", "values")
+        ]
+        inputs += cache
+        attended, outputs[f"new_keys_{i}"], outputs[f"new_values_{i}"] = CachedAttention(attention)(
+            h, *cache
+        )
+        h = model.get_layer(f"attention_norm_{i}")(h + attended)
+        hidden = model.get_layer(f"ffn_in_{i}")(h)
+        h = model.get_layer(f"ffn_norm_{i}")(h + model.get_layer(f"ffn_out_{i}")(hidden))
+    return keras.Model(inputs, {"y": h, **outputs}, name="kv_step")
+
+
+def transformer_errors(model, check, folder, cache_length, seed=2):
+    """How far the KV-cache steps are from the causal model over `check` `(1, T, width)`: in
+    Keras over every token, and from the exported LiteRT and ONNX files (caches of
+    `cache_length`) at token `cache_length + 1`, caches from the Keras steps."""
+    expected = keras.ops.convert_to_numpy(model(check))[0]
+    step = transformer_step_model(model, None)
+    names = [t.name for t in step.inputs[1:]]
+    heads, dim = step.inputs[1].shape[2:]
+    caches = {n: np.zeros((1, 0, heads, dim), "float32") for n in names}
+    outputs, at = [], {}
+    for t, token in enumerate(check[0]):
+        if t == cache_length:
+            at = {"x": token[None], **caches}
+        result = step({"x": token[None], **caches})
+        outputs.append(keras.ops.convert_to_numpy(result["y"])[0])
+        for n in names:
+            caches[n] = np.concatenate(
+                [caches[n], keras.ops.convert_to_numpy(result[f"new_{n}"])], 1
+            )
+    errors = {"transformer_kv/keras_steps": float(np.abs(np.stack(outputs) - expected).max())}
+    for runtime in ("litert", "onnxruntime"):
+        _, runner = export_transformer(model, runtime, folder, cache_length)
+        y, _ = runner(at["x"], {n: at[n] for n in names})
+        name = f"transformer_kv/{variant_name(runtime, None)}"
+        errors[name] = float(np.abs(y[0] - expected[cache_length]).max())
+    return errors
+
+
+def export_transformer(model, runtime, folder, cache_length):
+    """The KV-cache step with caches of `cache_length` entries, exported by `model.export`."""
+    import tensorflow as tf
+
+    step = transformer_step_model(model, cache_length)
+    signature = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in step.inputs]
+    extension = "tflite" if runtime == "litert" else "onnx"
+    path = os.path.join(folder, f"transformer_kv_{runtime}_{cache_length}.{extension}")
+    export_format = "litert" if runtime == "litert" else "onnx"
+    step.export(path, format=export_format, input_signature=[signature], verbose=False)
+    return path, (LiteRTStep if runtime == "litert" else OnnxStep)(path)
 
 
 def export(model, kind, runtime, quantization, folder, calibration):
@@ -161,18 +287,76 @@ def stream(step, xs, keep_at, reference=None):
     return kept, largest, distance, finite, outputs
 
 
-def latencies_at(steps, snapshots, width, rounds, calls, seed=1):
-    """Seconds per token of each (variant, position), timed in turns from the kept states."""
+def latencies_at(served, width, rounds, calls, seed=1):
+    """Seconds per token of each (variant, position) in `served`, `{(name, where): (step,
+    states)}`, timed in turns, every call from the same kept states."""
     xs = np.random.default_rng(seed).normal(size=(calls, 1, width)).astype("float32")
-    keys = [(name, where) for name in steps for where in snapshots[name]]
-    samples = {key: [] for key in keys}
-    for name, where in in_turns(keys, rounds):
-        step, saved = steps[name], snapshots[name][where]
+    samples = {key: [] for key in served}
+    for key in in_turns(served, rounds):
+        step, saved = served[key]
         for x in xs:
             start = time.perf_counter()
             step(x, saved)
-            samples[name, where].append(time.perf_counter() - start)
+            samples[key].append(time.perf_counter() - start)
     return samples
+
+
+def throughputs(models, streams, folder, width, rounds, calls, seed=3):
+    """Tokens per second of each model's LiteRT float32 step serving `streams` concurrent
+    streams (a batch of that many): `{kind: {streams: tokens per second}}`, from the median
+    seconds per call timed in turns."""
+    served = {}
+    for kind, model in models.items():
+        for count in streams:
+            path = os.path.join(folder, f"{kind}_streams{count}.tflite")
+            step = LiteRTStep(export_tflite(model, path, count))
+            served[kind, count] = (step, zero_states(step))
+    xs = np.random.default_rng(seed).normal(size=(calls, max(streams), width)).astype("float32")
+    samples = {key: [] for key in served}
+    for key in in_turns(served, rounds):
+        (step, states), count = served[key], key[1]
+        for x in xs:
+            start = time.perf_counter()
+            step(x[:count], states)
+            samples[key].append(time.perf_counter() - start)
+    result = {kind: {} for kind in models}
+    for (kind, count), times in samples.items():
+        result[kind][count] = count / statistics.median(times)
+    return result
+
+
+def plot(results, throughput, late, path):
+    """p50 latency per token at token 16 and at `late` per variant, and the throughput of
+    concurrent streams."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=(3, 2))
+    names = list(results)
+    for offset, token in ((-0.2, START), (0.2, late)):
+        left.barh(
+            [i + offset for i in range(len(names))],
+            [results[n][f"p50_ms_at_{token}"] * 1000 for n in names],
+            height=0.4,
+            label=f"token {token}",
+        )
+    left.set_yticks(range(len(names)), names, fontsize=7)
+    left.invert_yaxis()
+    left.set_xscale("log")
+    left.set_xlabel("p50 latency per token (µs, one thread, batch 1)")
+    left.legend()
+    for kind, row in throughput.items():
+        counts = sorted(row)
+        right.plot(counts, [row[c] for c in counts], marker="o", label=f"{kind}, LiteRT float32")
+    right.set_xscale("log")
+    right.set_yscale("log")
+    counts = sorted({c for row in throughput.values() for c in row})
+    right.set_xticks(counts, [str(c) for c in counts])
+    right.minorticks_off()
+    right.set_xlabel("concurrent streams (batch)")
+    right.set_ylabel("tokens per second (one thread)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -186,6 +370,7 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=64, help="calls per turn of the timing")
     parser.add_argument("--rounds", type=int, default=9, help="turns of the timing per position")
     parser.add_argument("--calibration", type=int, default=8, help="sequences for full_int8")
+    parser.add_argument("--streams", type=int, nargs="+", default=list(STREAMS))
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: " + str(QUICK))
     parser.add_argument("--output-dir", default="outputs/benchmarks")
@@ -196,6 +381,8 @@ def main(argv=None):
     for name in ("window", "rounds", "calibration"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1. Received: {getattr(args, name)}")
+    if min(args.streams) < 1:
+        parser.error(f"--streams must be at least 1. Received: {args.streams}")
     if not START < args.late <= args.tokens:
         parser.error(
             f"--late must be more than {START} and at most --tokens. "
@@ -210,12 +397,12 @@ def main(argv=None):
     xs = rng.normal(size=(args.tokens, 1, args.width)).astype("float32")
     positions = {"start": START - 1, "late": args.late - 1}
 
-    results, steps, snapshots, errors, infinite = {}, {}, {}, {}, []
+    results, served, errors, infinite, models = {}, {}, {}, [], {}
     # The runtimes map their files: the folder lives until the timing is done.
     holder = tempfile.TemporaryDirectory()
     folder = holder.name
-    for kind in args.kinds:
-        model = sequence_model(kind, args.width, args.heads, args.depth)
+    for kind in (k for k in args.kinds if k != "transformer_kv"):
+        model = models[kind] = sequence_model(kind, args.width, args.heads, args.depth)
         expected = keras.ops.convert_to_numpy(model(check))[0]
         reference = None
         for runtime, quantization in VARIANTS:
@@ -230,15 +417,32 @@ def main(argv=None):
                 reference = outputs
             if not finite:
                 infinite.append(name)
-            steps[name] = step
-            snapshots[name] = {where: kept[t] for where, t in positions.items()}
+            for where, t in positions.items():
+                served[name, where] = (step, kept[t])
+            state_bytes = sum(4 * int(np.prod(s)) for s in step.shapes.values())
             results[name] = {
                 "file_bytes": os.path.getsize(path),
-                "state_bytes": sum(4 * int(np.prod(s)) for s in step.shapes.values()),
+                **{f"state_bytes_at_{t + 1}": state_bytes for t in positions.values()},
                 "max_abs_y": largest,
                 "max_abs_y_minus_float32": distance,
             }
             print(f"{name}: exported and streamed {args.tokens} tokens", flush=True)
+    if "transformer_kv" in args.kinds:
+        model = transformer_model(args.width, args.heads, args.depth)
+        errors.update(transformer_errors(model, check, folder, START - 1))
+        for runtime in ("litert", "onnxruntime"):
+            name = f"transformer_kv/{variant_name(runtime, None)}"
+            results[name] = {}
+            for where, t in positions.items():
+                # The token at position t attends to t cached entries and its own.
+                path, step = export_transformer(model, runtime, folder, t)
+                caches = {
+                    n: rng.normal(size=shape).astype("float32") for n, shape in step.shapes.items()
+                }
+                served[name, where] = (step, caches)
+                results[name]["file_bytes"] = os.path.getsize(path)
+                results[name][f"state_bytes_at_{t + 1}"] = sum(c.nbytes for c in caches.values())
+            print(f"{name}: exported with caches of {sorted(positions.values())} entries")
     if refuse_if_wrong(errors, "its Keras model over the whole sequence"):
         return 1
     for name in infinite:
@@ -246,29 +450,36 @@ def main(argv=None):
     if infinite:
         return 1
 
-    samples = latencies_at(steps, snapshots, args.width, args.rounds, args.window)
+    samples = latencies_at(served, args.width, args.rounds, args.window)
     for name, row in results.items():
         for where, token in (("start", START), ("late", args.late)):
             times = samples[name, where]
             row[f"p50_ms_at_{token}"] = 1000 * statistics.median(times)
             row[f"p99_ms_at_{token}"] = 1000 * float(np.percentile(times, 99))
         print(
-            f"{name:28s} {row['file_bytes']:9d} B file, {row['state_bytes']:6d} B state; "
+            f"{name:28s} {row['file_bytes']:9d} B file, "
+            f"{row[f'state_bytes_at_{args.late}']:9d} B state at token {args.late}; "
             f"p50/p99 at token {START}: {row[f'p50_ms_at_{START}']:.3f}/"
             f"{row[f'p99_ms_at_{START}']:.3f} ms, at token {args.late}: "
-            f"{row[f'p50_ms_at_{args.late}']:.3f}/{row[f'p99_ms_at_{args.late}']:.3f} ms; "
-            f"max |y| {row['max_abs_y']:.3g}, max |y - float32| "
-            f"{row['max_abs_y_minus_float32']:.3g} over {args.tokens} tokens",
+            f"{row[f'p50_ms_at_{args.late}']:.3f}/{row[f'p99_ms_at_{args.late}']:.3f} ms",
             flush=True,
         )
+    served.clear()  # the runtimes let go of their files before the next ones are written
+    throughput = throughputs(
+        models, sorted(args.streams), folder, args.width, args.rounds, args.window
+    )
+    for kind, row in throughput.items():
+        rates = ", ".join(f"{count} streams {rate:,.0f}" for count, rate in row.items())
+        print(f"{kind} LiteRT float32, tokens per second: {rates}")
     record = {
         "protocol": vars(args) | {"float32_max_error": max(errors.values()), "errors": errors},
         "machine": machine(),
         "results": results,
+        "throughput_tokens_per_s": throughput,
     }
     path = write_json(record, args.output_dir, "edge.json", indent=1)
-    print(f"wrote {path}")
-    steps.clear()  # the runtimes let go of their files before the folder goes
+    plot(results, throughput, args.late, os.path.join(args.output_dir, "edge.png"))
+    print(f"wrote {path} and edge.png")
     holder.cleanup()
     return 0
 

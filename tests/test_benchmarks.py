@@ -294,20 +294,35 @@ def test_benchmark_arguments_are_checked(module, args, message, capsys):
 @tensorflow_only
 def test_edge_benchmark_smoke(tmp_path):
     edge = importlib.import_module("benchmarks.edge")
-    argv = ["--quick", "--kinds", "aaren", "--output-dir", str(tmp_path)]
+    argv = ["--quick", "--kinds", "aaren", "transformer_kv", "--output-dir", str(tmp_path)]
     assert edge.main(argv) == 0
     record = json.loads((tmp_path / "edge.json").read_text())
     results = record["results"]
     names = {f"aaren/{edge.variant_name(*variant)}" for variant in edge.VARIANTS}
-    assert set(results) == names
-    # The float32 steps reproduced the Keras model over a whole sequence.
-    float32 = {"aaren/litert_float32", "aaren/onnxruntime_float32"}
-    assert set(record["protocol"]["errors"]) == float32
+    kv = {"transformer_kv/litert_float32", "transformer_kv/onnxruntime_float32"}
+    assert set(results) == names | kv
+    # The float32 steps reproduced the Keras model over a whole sequence (the KV-cache steps
+    # also stepped in Keras).
+    float32 = {"aaren/litert_float32", "aaren/onnxruntime_float32", "transformer_kv/keras_steps"}
+    assert set(record["protocol"]["errors"]) == float32 | kv
     assert record["protocol"]["float32_max_error"] < 1e-4
     late = record["protocol"]["late"]
-    for row in results.values():
-        # Every runtime and precision carries the same float32 state.
-        assert row["state_bytes"] == results["aaren/litert_float32"]["state_bytes"] > 0
-        assert row["file_bytes"] > 0 and np.isfinite(row["max_abs_y"])
+    aaren_state = results["aaren/litert_float32"][f"state_bytes_at_{late}"]
+    for name, row in results.items():
+        assert row["file_bytes"] > 0
         for token in (edge.START, late):
             assert 0 < row[f"p50_ms_at_{token}"] <= row[f"p99_ms_at_{token}"]
+        if name in kv:
+            # A KV cache holds every token seen: two vectors of the width per block each.
+            for token in (edge.START, late):
+                protocol = record["protocol"]
+                cached = 2 * protocol["depth"] * (token - 1) * protocol["width"]
+                assert row[f"state_bytes_at_{token}"] == 4 * cached
+        else:
+            # Every runtime and precision carries the same float32 state, whatever the token.
+            assert np.isfinite(row["max_abs_y"])
+            for token in (edge.START, late):
+                assert row[f"state_bytes_at_{token}"] == aaren_state > 0
+    streams = record["throughput_tokens_per_s"]["aaren"]
+    assert set(streams) == {"1", "4"} and all(rate > 0 for rate in streams.values())
+    assert (tmp_path / "edge.png").stat().st_size > 0
