@@ -64,11 +64,9 @@ def build_model(width=32):
     )
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    keras.utils.set_random_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-
+def prepare():
+    """The series, its dates, the first test week, the weekly changes, their scale, and the
+    training windows of scaled changes."""
     series, dates = load_series()
     split = int(0.75 * len(series))
     changes = np.diff(series, prepend=series[0])
@@ -78,11 +76,23 @@ def main(argv=None):
         f"CO2: {len(series)} weeks, training on {dates[0]:%Y}-{dates[split]:%Y} "
         f"({len(x_train)} windows), streaming {dates[split]:%Y}-{dates[-1]:%Y}"
     )
+    return series, dates, split, changes, scale, x_train, y_train
 
+
+def train(x_train, y_train, epochs):
     model = build_model()
     model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="mse")
-    epochs = 2 if args.quick else args.epochs
     model.fit(x_train, y_train, epochs=epochs, batch_size=16, verbose=2)
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    series, dates, split, changes, scale, x_train, y_train = prepare()
+    model = train(x_train, y_train, 2 if args.quick else args.epochs)
 
     # Serve: a compiled explicit-state step. The state is a fixed set of (1, size) arrays.
     step = streaming.make_step_function(model, batch_size=1)

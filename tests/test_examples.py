@@ -221,3 +221,30 @@ def test_decision_transformer_quick(tmp_path):
     lengths = [len(e["rewards"]) for e in example.split_episodes(fresh)]
     assert lengths == [args.episode_steps] * fresh["timeouts"].sum()
     assert not fresh["terminals"].any() and sum(lengths) == len(fresh["rewards"])
+
+
+def test_edge_deployment_quick(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the exports convert TensorFlow graphs")
+    example = load_example("edge_deployment")
+    result = example.main(["--quick", "--output-dir", str(tmp_path)])
+    rows = {(r["model"], r["runtime"], r["precision"]): r for r in result["rows"]}
+    assert set(rows) == {
+        (model, runtime, quantization or "float32")
+        for model in ("quickstart classifier", "CO2 forecaster")
+        for runtime, quantization in example.QUICK_VARIANTS
+    }
+    for (*_, precision), row in rows.items():
+        assert row["file_bytes"] > 0
+        if precision == "float32":
+            # Replayed token by token, the float32 step gives the Keras model's outputs.
+            assert row["max_abs_difference"] < 1e-4
+            assert row["value"] == pytest.approx(row["keras_value"], abs=1e-4)
+    # A stream resumed in a new interpreter from its saved state goes on exactly.
+    assert result["resumed_difference"] == 0.0
+    assert os.path.getsize(result["plot"]) > 0
