@@ -788,8 +788,10 @@ def plot_returns(results, path):
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys((r["env"], r["dataset"]) for r in results))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (env, dataset) in zip(axes[0], panels):
+    columns = min(2, len(panels))
+    height = -(-len(panels) // columns)
+    fig, axes = plt.subplots(height, columns, figsize=(6 * columns, 4 * height), squeeze=False)
+    for ax, (env, dataset) in zip(axes.flat, panels):
         rows = [r for r in results if (r["env"], r["dataset"]) == (env, dataset)]
         for curve in dict.fromkeys((r["model"], r["mode"]) for r in rows if r["target"]):
             points = {}
