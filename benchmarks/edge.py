@@ -56,17 +56,13 @@ from benchmarks.common import (
     write_json,
 )
 from keras_aaren.streaming import export_onnx, export_tflite
+from keras_aaren.streaming.export import ONNX_QUANTIZATIONS, TFLITE_QUANTIZATIONS
 
 # The token (counted from 1) whose latency stands for the start of the stream.
 START = 16
 # (runtime, quantization) of every exported step; the first is the reference of the others.
-VARIANTS = (
-    ("litert", None),
-    ("litert", "float16"),
-    ("litert", "dynamic_int8"),
-    ("litert", "full_int8"),
-    ("onnxruntime", None),
-    ("onnxruntime", "dynamic_int8"),
+VARIANTS = tuple(("litert", q) for q in TFLITE_QUANTIZATIONS) + tuple(
+    ("onnxruntime", q) for q in ONNX_QUANTIZATIONS
 )
 KINDS = ("aaren", "lstm", "transformer_kv")
 # Concurrent streams whose throughput is measured.

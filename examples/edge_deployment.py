@@ -29,15 +29,11 @@ import streaming_co2
 
 from baselines import write_outputs
 from keras_aaren.streaming import export_onnx, export_tflite
+from keras_aaren.streaming.export import ONNX_QUANTIZATIONS, TFLITE_QUANTIZATIONS
 
 # Every precision of each runtime: (runtime, quantization).
-VARIANTS = (
-    ("litert", None),
-    ("litert", "float16"),
-    ("litert", "dynamic_int8"),
-    ("litert", "full_int8"),
-    ("onnxruntime", None),
-    ("onnxruntime", "dynamic_int8"),
+VARIANTS = tuple(("litert", q) for q in TFLITE_QUANTIZATIONS) + tuple(
+    ("onnxruntime", q) for q in ONNX_QUANTIZATIONS
 )
 # The smoke run: both runtimes, and the calibrated quantization.
 QUICK_VARIANTS = (("litert", None), ("litert", "full_int8"), ("onnxruntime", "dynamic_int8"))
