@@ -106,7 +106,7 @@ def parse_args(argv=None):
         args.ars_iterations, args.dataset_steps, args.episode_steps = 2, 96, 24
         args.width, args.depth = 32, 1
         args.epochs, args.steps_per_epoch, args.batch_size, args.episode_batch_size = 1, 1, 4, 2
-        args.episodes = 1
+        args.episodes = 2
     return args
 
 
@@ -511,52 +511,58 @@ the state and the timestep, and answers an action. Two ways to run the same trai
 
 
 class WindowPolicy:
-    def __init__(self, model, context, state_size, action_size):
-        self.model, self.context = model, context
+    """Each decision runs the parallel model on the last K timesteps of every episode in the
+    batch, as 3K tokens padded at the end (one shape, so the prediction compiles once)."""
+
+    def __init__(self, model, context, state_size, action_size, batch_size=1):
+        self.model, self.context, self.batch_size = model, context, batch_size
         self.sizes = (state_size, action_size)
         # Compile the prediction before the episode, so that latencies are those of acting.
-        model.predict_on_batch(np.zeros((1, 3 * context, state_size + action_size + 5), "float32"))
+        features = state_size + action_size + 5
+        model.predict_on_batch(np.zeros((batch_size, 3 * context, features), "float32"))
 
     def reset(self):
         self.rtg, self.states, self.actions, self.timesteps = [], [], [], []
 
     def memory(self):
-        """Bytes kept between decisions: the last K timesteps' tokens, recomputed each step."""
+        """Bytes kept between decisions per episode: the last K timesteps' tokens, recomputed
+        at each decision."""
         return 3 * self.context * (1 + sum(self.sizes) + 4) * 4
 
     def act(self, rtg, state, timestep):
+        """`rtg` `(batch,)` and `state` `(batch, S)` at `timestep`; returns `(batch, A)`."""
         self.rtg.append(rtg)
         self.states.append(state)
-        self.actions.append(np.zeros(self.sizes[1], "float32"))
-        self.timesteps.append(timestep)
+        self.actions.append(np.zeros((self.batch_size, self.sizes[1]), "float32"))
+        self.timesteps.append(np.full(self.batch_size, timestep, "float32"))
         steps = min(len(self.rtg), self.context)
-        window = slice(len(self.rtg) - steps, None)
-        padding = self.context - steps
+        padding = ((0, 0), (0, self.context - steps))
+
+        def window(values):
+            stacked = np.stack(values[-steps:], axis=1)
+            return np.pad(stacked, padding + ((0, 0),) * (stacked.ndim - 2))
+
         tokens = to_tokens(
-            np.pad(np.array(self.rtg[window], "float32"), (0, padding)),
-            np.pad(np.array(self.states[window], "float32"), ((0, padding), (0, 0))),
-            np.pad(np.array(self.actions[window], "float32"), ((0, padding), (0, 0))),
-            np.pad(np.array(self.timesteps[window], "float32"), (0, padding)),
+            *(window(v) for v in (self.rtg, self.states, self.actions)), window(self.timesteps)
         )
-        # A fixed shape (3K tokens, padded at the end) compiles the prediction once.
-        output = self.model.predict_on_batch(tokens[None])
-        action = np.asarray(output)[0, 3 * (steps - 1) + 1]
-        self.actions[-1] = action
-        return action
+        output = self.model.predict_on_batch(tokens)
+        self.actions[-1] = np.asarray(output)[:, 3 * (steps - 1) + 1]
+        return self.actions[-1]
 
 
 class StreamPolicy:
     """Each decision is one call of a compiled step over the timestep's new tokens: the previous
     action, the return-to-go and the state (at t = 0, the last two)."""
 
-    def __init__(self, model, state_size, action_size):
-        self.first = streaming.make_step_function(model, batch_size=1, tokens_per_call=2)
-        self.step = streaming.make_step_function(model, batch_size=1, tokens_per_call=3)
-        self.sizes = (state_size, action_size)
+    def __init__(self, model, state_size, action_size, batch_size=1):
+        self.first = streaming.make_step_function(model, batch_size, tokens_per_call=2)
+        self.step = streaming.make_step_function(model, batch_size, tokens_per_call=3)
+        self.sizes, self.batch_size = (state_size, action_size), batch_size
         # Compile both steps before the episode, so that latencies are those of acting.
         self.reset()
-        self.act(0.0, np.zeros(state_size, "float32"), 0)
-        self.act(0.0, np.zeros(state_size, "float32"), 1)
+        zeros = (np.zeros(batch_size, "float32"), np.zeros((batch_size, state_size), "float32"))
+        self.act(*zeros, 0)
+        self.act(*zeros, 1)
         self.reset()
 
     def reset(self):
@@ -565,59 +571,69 @@ class StreamPolicy:
         self.tokens, self.outputs = [], []
 
     def act(self, rtg, state, timestep):
-        tokens = [
-            self.token(0, rtg=rtg, timestep=timestep),
-            self.token(1, state=state, timestep=timestep),
-        ]
+        """`rtg` `(batch,)` and `state` `(batch, S)` at `timestep`; returns `(batch, A)`."""
+        tokens = [self.token(0, rtg=rtg, timestep=timestep), self.token(1, state, timestep)]
         step = self.first
         if self.previous is not None:
             tokens.insert(0, self.token(2, action=self.previous, timestep=timestep - 1))
             step = self.step
         self.tokens += tokens
-        outputs, self.states = step(np.stack(tokens)[None], self.states)
-        self.previous = keras.ops.convert_to_numpy(outputs)[0, -1]
+        outputs, self.states = step(np.stack(tokens, axis=1), self.states)
+        self.previous = keras.ops.convert_to_numpy(outputs)[:, -1]
         self.outputs.append(self.previous)
         return self.previous
 
     def memory(self):
-        """Bytes kept between decisions: the state, the same at every step of the episode."""
-        return sum(int(np.asarray(s).nbytes) for s in self.states)
+        """Bytes kept between decisions per episode: the state, the same at every step."""
+        return sum(int(np.asarray(s).nbytes) for s in self.states) // self.batch_size
 
-    def token(self, kind, rtg=0.0, state=None, action=None, timestep=0):
+    def token(self, kind, state=None, timestep=0, rtg=None, action=None):
+        """The `(batch, features)` tokens of one kind: 0 return-to-go, 1 state, 2 action."""
         state_size, action_size = self.sizes
+        batch = self.batch_size
         tokens = to_tokens(
-            np.array([rtg], "float32"),
-            np.zeros((1, state_size), "float32") if state is None else state[None],
-            np.zeros((1, action_size), "float32") if action is None else action[None],
-            np.array([timestep], "float32"),
+            np.zeros((batch, 1), "float32") if rtg is None else rtg[:, None],
+            np.zeros((batch, 1, state_size), "float32") if state is None else state[:, None],
+            np.zeros((batch, 1, action_size), "float32") if action is None else action[:, None],
+            np.full((batch, 1), timestep, "float32"),
         )
-        return tokens[kind]
+        return tokens[:, kind]
 
 
-def run_episode(env, policy, target, seed, state_mean, state_std):
-    """One episode toward `target`; returns its return, length and per-step decision latency."""
-    observation, _ = env.reset(seed=int(seed))
+def run_episodes(envs, policy, target, seeds, state_mean, state_std):
+    """One episode toward `target` in each of `envs` (seeded by `seeds`), all acted on together
+    by `policy`, one batched decision per timestep. An episode that ends keeps its last state in
+    the batch, unused, until the last one ends. Returns the returns, the lengths and the latency
+    of each decision."""
+    observations = np.stack([env.reset(seed=int(seed))[0] for env, seed in zip(envs, seeds)])
     policy.reset()
-    wanted, total, latencies = target, 0.0, []
-    for timestep in range(env.spec.max_episode_steps):
-        state = ((observation - state_mean) / state_std).astype("float32")
+    wanted = np.full(len(envs), target)
+    totals, lengths, latencies = np.zeros(len(envs)), np.zeros(len(envs), int), []
+    running = np.ones(len(envs), bool)
+    for timestep in range(envs[0].spec.max_episode_steps):
+        states = ((observations - state_mean) / state_std).astype("float32")
         start = time.perf_counter()
-        action = policy.act(wanted / RETURN_SCALE, state, timestep)
+        actions = policy.act((wanted / RETURN_SCALE).astype("float32"), states, timestep)
         latencies.append(time.perf_counter() - start)
-        observation, reward, terminated, truncated, _ = env.step(np.asarray(action, "float64"))
-        total += reward
-        wanted -= reward
-        if terminated or truncated:
+        for i in np.flatnonzero(running):
+            observations[i], reward, terminated, truncated, _ = envs[i].step(
+                np.asarray(actions[i], "float64")
+            )
+            totals[i] += reward
+            wanted[i] -= reward
+            lengths[i] = timestep + 1
+            running[i] = not (terminated or truncated)
+        if not running.any():
             break
-    return total, timestep + 1, latencies
+    return totals.tolist(), lengths.tolist(), latencies
 
 
 def check_stream(policy, model):
-    """Largest difference between the streamed actions of the last episode and the parallel
+    """Largest difference between the streamed actions of the last episodes and the parallel
     model's outputs at the same state tokens, run on every token the stream was fed."""
-    tokens = np.stack(policy.tokens)[None]
-    parallel = keras.ops.convert_to_numpy(model(tokens, training=False))[0, 1::3]
-    return float(np.abs(parallel - np.stack(policy.outputs)).max())
+    tokens = np.stack(policy.tokens, axis=1)
+    parallel = keras.ops.convert_to_numpy(model(tokens, training=False))[:, 1::3]
+    return float(np.abs(parallel - np.stack(policy.outputs, axis=1)).max())
 
 
 """
@@ -657,7 +673,7 @@ def main(argv=None):
                     "seeds": [],
                 }
             )
-            env = make_env(name, args.episode_steps)
+            envs = [make_env(name, args.episode_steps) for _ in range(args.episodes)]
             # Return-to-go, state, action, token type (3), timestep.
             features = 1 + state_size + action_size + 3 + 1
             for seed in args.seeds:
@@ -687,26 +703,31 @@ def main(argv=None):
                     model = build_model(kind, features, action_size, args, kind)
                     print(f"{name}-{dataset}, seed {seed}: {label} ({model.count_params()} params)")
                     losses, seconds = train(model, data_source, seed, args)
-                    modes = {}
-                    if data_source is windows:
-                        modes["window"] = WindowPolicy(model, args.context, state_size, action_size)
-                    if kind == "aaren":
-                        modes["stream"] = StreamPolicy(model, state_size, action_size)
-                    for mode, policy in modes.items():
-                        runs.append((label, mode, model, policy, losses, seconds))
-                for label, mode, model, policy, losses, seconds in runs:
-                    for target in ENVS[name]["targets"]:
-                        returns, lengths, decisions = [], [], []
-                        for episode in range(args.episodes):
-                            total, length, step_seconds = run_episode(
-                                env, policy, target, 10_000 * seed + episode, *stats
-                            )
-                            returns.append(total)
-                            lengths.append(length)
-                            decisions += step_seconds
-                            latencies.setdefault((name, f"{label}, {mode}"), step_seconds)
+                    modes = ["window"] if data_source is windows else []
+                    modes += ["stream"] if kind == "aaren" else []
+                    runs += [(label, mode, model, losses, seconds) for mode in modes]
+                for label, mode, model, losses, seconds in runs:
+                    sizes = (state_size, action_size)
+                    # One episode alone times the decisions, as a deployed policy makes them;
+                    # the returns come from all the episodes acted on as one batch.
+                    alone, together = (
+                        WindowPolicy(model, args.context, *sizes, batch_size)
+                        if mode == "window"
+                        else StreamPolicy(model, *sizes, batch_size)
+                        for batch_size in (1, args.episodes)
+                    )
+                    targets = ENVS[name]["targets"]
+                    episode_seeds = [10_000 * seed + episode for episode in range(args.episodes)]
+                    *_, decisions = run_episodes(
+                        envs[:1], alone, targets[0], episode_seeds[:1], *stats
+                    )
+                    latencies.setdefault((name, f"{label}, {mode}"), decisions)
+                    for target in targets:
+                        returns, lengths, _ = run_episodes(
+                            envs, together, target, episode_seeds, *stats
+                        )
                         if mode == "stream":
-                            max_diffs.append(check_stream(policy, model))
+                            max_diffs.append(check_stream(together, model))
                         results.append(
                             {
                                 "env": name,
@@ -721,7 +742,7 @@ def main(argv=None):
                                 "final_loss": losses[-1],
                                 "seconds": seconds,
                                 "latency_ms": 1e3 * float(np.median(decisions)),
-                                "memory_bytes": policy.memory(),
+                                "memory_bytes": alone.memory(),
                             }
                         )
                         print(
@@ -729,7 +750,8 @@ def main(argv=None):
                             f"{np.mean(returns):8.1f} (normalised "
                             f"{normalized_score(name, np.mean(returns)):5.1f})"
                         )
-            env.close()
+            for env in envs:
+                env.close()
     max_diff = max(max_diffs) if max_diffs else None
     if max_diff is not None:
         print(f"streamed vs parallel actions, largest difference: {max_diff:.2e}")
