@@ -92,7 +92,13 @@ def parse_args(argv=None):
     parser.add_argument("--steps-per-epoch", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=64, help="windows of K timesteps")
     parser.add_argument("--episode-batch-size", type=int, default=4, help="whole episodes")
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--query-initializer",
+        default=None,
+        choices=["zeros"],
+        help="of Aaren's learned queries (default: the layer's, N(0, 1))",
+    )
     parser.add_argument(
         "--episodes", type=int, default=10, help="evaluation episodes per target and seed"
     )
@@ -470,6 +476,7 @@ def build_model(kind, features, action_size, args, name):
         causal=True,
         positions=False,
         masking=False,
+        query_initializer=args.query_initializer,
     )
     actions = keras.layers.Dense(action_size, activation="tanh", name="action")(hidden)
     return keras.Model(tokens, actions, name=name)
@@ -507,6 +514,11 @@ the state and the timestep, and answers an action. Two ways to run the same trai
   (`tokens_per_call=3`: the previous action's, the return-to-go's, the state's) and reads the
   action from the last. The state has a fixed size and carries the whole episode, not just K
   steps, so the stream sees more than the window for the same cost per step.
+
+Both act on a batch: the evaluation episodes of a seed run side by side, one environment each,
+and every timestep is one decision for all of them (a stream's step takes `batch_size`). The
+latency of a decision is timed apart, on one episode acted on alone, as a deployed policy
+makes its decisions.
 """
 
 
