@@ -554,9 +554,8 @@ class WindowPolicy:
             stacked = np.stack(values[-steps:], axis=1)
             return np.pad(stacked, padding + ((0, 0),) * (stacked.ndim - 2))
 
-        tokens = to_tokens(
-            *(window(v) for v in (self.rtg, self.states, self.actions)), window(self.timesteps)
-        )
+        parts = (self.rtg, self.states, self.actions, self.timesteps)
+        tokens = to_tokens(*(window(values) for values in parts))
         output = self.model.predict_on_batch(tokens)
         self.actions[-1] = np.asarray(output)[:, 3 * (steps - 1) + 1]
         return self.actions[-1]
