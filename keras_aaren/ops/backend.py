@@ -1,13 +1,17 @@
-"""Backend plumbing of the ops, in one place: matmul precision, custom gradients, compilation.
+"""Backend plumbing of the ops, in one place: matmul precision and custom gradients.
 
 The algorithms in this package are written once on `keras.ops`. What differs between
-TensorFlow, JAX and PyTorch is how a hand-written gradient is attached, how a function is
-compiled once per shape, and how float32 matrix products round on a GPU; those conventions live
-here and nowhere else.
+TensorFlow, JAX and PyTorch is how a hand-written gradient is attached and how float32 matrix
+products round on a GPU; those conventions live here and nowhere else.
+
+Nothing here compiles: the ops are plain `keras.ops`, traced and compiled by their caller
+(Keras' `fit`, `predict` and `evaluate`, a user's `jax.jit` or `tf.function`) for whatever
+lengths the caller allows, static or unknown, and run op by op when called eagerly. A program
+compiled per sequence length and kept by the package would grow a process that sees many
+lengths without bound.
 """
 
 import contextlib
-import functools
 import math
 
 from keras import backend, ops
@@ -96,80 +100,3 @@ def _unpack(flat, shapes):
         tensors.append(ops.reshape(flat[start : start + size], shape))
         start += size
     return tensors
-
-
-def compiled(fn, static_argnums, xla=True):
-    """`fn` compiled once per input shape where the backend compiles, else `fn` itself.
-
-    * JAX: one `jax.jit` program, also when called eagerly: called op by op, a custom gradient is
-      traced again on every call, and under an eager `jax.grad` (Keras' `fit` with
-      `jit_compile=False`) each primitive compiles on its own for every new shape. Inside a
-      caller's `jax.jit` the program nests and compiles with the caller's.
-    * TensorFlow, with `xla=True`: an XLA-compiled `tf.function`, so an eager call runs one
-      compiled program instead of a hundred Python-dispatched ops and a graph caller gets one
-      function call that XLA compiles as a unit. Inside a function that XLA already compiles
-      (`jit_compile=True`), `fn` runs inline: a nested `tf.function` there made Keras' compiled
-      train step recompile on every epoch.
-    * Otherwise (PyTorch, or `xla=False` on TensorFlow, for ops that XLA cannot compile there):
-      `fn` runs as it is.
-
-    Args:
-        fn: the function; its arguments at `static_argnums` are Python values (a method name,
-            a chunk size) that select a program rather than flow through it.
-        static_argnums: tuple of int, the positions of those arguments.
-        xla: whether TensorFlow may compile `fn` with XLA.
-    """
-    name = backend.backend()
-    if name == "jax":
-        return _jax_program(fn, tuple(static_argnums))
-    if name == "tensorflow" and xla:
-        return functools.partial(_call_tf_program, fn)
-    return fn
-
-
-@functools.cache
-def _jax_program(fn, static_argnums):
-    import jax
-
-    return jax.jit(fn, static_argnums=static_argnums)
-
-
-def _call_tf_program(fn, *args):
-    import tensorflow as tf
-
-    if tf.executing_eagerly():
-        return _tf_program(fn, eager=True)(*args)
-    if _in_xla_context():
-        return fn(*args)
-    return _tf_program(fn, eager=False)(*args)
-
-
-@functools.cache
-def _tf_program(fn, eager):
-    """An XLA-compiled `tf.function` of `fn`, one for eager callers and one for graph callers.
-
-    Eager calls have fully known shapes, so each length gets a trace of its own. Shared with
-    graph callers, an eager call could reuse a trace made for an unknown length (Keras' `predict`
-    relaxes its shapes after a few lengths), which rounds differently: a stream's outputs would
-    then depend on what the process had run before.
-    """
-    import tensorflow as tf
-
-    program = tf.function(fn, jit_compile=True, autograph=False)
-    if eager:
-        # One trace per length is the design, not a mistake in the caller's code: keep
-        # TensorFlow from warning a user who calls a layer on many lengths that it retraces.
-        # TensorFlow offers no public switch for that warning.
-        program._omit_frequent_tracing_warning = True
-    return program
-
-
-def _in_xla_context():
-    """Whether the current TF graph is already being compiled by XLA (`jit_compile=True`)."""
-    import tensorflow as tf
-    from tensorflow.python.ops import control_flow_util
-
-    # TensorFlow has no public test for this.
-    if tf.executing_eagerly():
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())

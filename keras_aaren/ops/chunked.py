@@ -1,8 +1,8 @@
 """The chunked scan: Aaren's prefix reduction as matrix products, with a closed-form gradient.
 
 Inside each chunk of C tokens, every prefix is one masked (C × C) product whose rows keep their
-own running max; a prefix over the chunk summaries (recursively chunked while the length is
-static) carries the state from chunk to chunk, and one ⊕ joins the two. There is no loop, so XLA
+own running max; a prefix over the chunk summaries (itself chunked, recursively) carries the
+state from chunk to chunk, and one ⊕ joins the two. There is no loop, so XLA
 compiles it, and the work is O(T·C) per head. The gradient is not the scan differentiated: it is
 the closed form of `chunked_backward`, one more chunked scan run in reverse.
 
@@ -24,6 +24,12 @@ from keras_aaren.ops.recurrence import (
 # The intra-chunk work grows as T·C, while below 8 the prefix over chunk summaries dominates;
 # docs/benchmarks.md gives the figures for each size (`python -m benchmarks.scan`).
 DEFAULT_CHUNK_SIZE = 8
+
+# A length unknown when the caller traces (a TensorFlow graph that serves any length) cannot
+# end the recursion where the length runs out, so it chunks this many levels and takes the
+# prefix of the T / C**levels summaries left as one dense product: with C = 8, a million tokens
+# leave 245 summaries, whose (245 × 245) product is small beside the chunks' own work.
+DYNAMIC_LEVELS = 4
 
 
 def scan_chunked(scores, values, state, mask, chunk_size=DEFAULT_CHUNK_SIZE):
@@ -87,14 +93,16 @@ def dense_prefix(m, u, w):
     return m_prefix, u_prefix, w_prefix
 
 
-def blocked_prefix(m, u, w, chunk_size):
+def blocked_prefix(m, u, w, chunk_size, levels=DYNAMIC_LEVELS):
     """Inclusive prefix states along the token axis in chunks: a dense product inside each chunk,
-    then a prefix over the chunk summaries (recursively, while the length is static), then one ⊕.
+    then a prefix over the chunk summaries (recursively), then one ⊕.
 
+    A static length recurses until the summaries fit in one chunk; an unknown one recurses
+    `levels` times, then takes the remaining summaries' prefix as one dense product.
     m, u: (B, H, T); w: (B, H, T, D). Returns the same shapes.
     """
     length = m.shape[-1]
-    if length is not None and length <= chunk_size:
+    if (length is not None and length <= chunk_size) or (length is None and levels == 0):
         return dense_prefix(m, u, w)
     b, h, t = ops.shape(m)
     d = w.shape[-1]
@@ -119,10 +127,7 @@ def blocked_prefix(m, u, w, chunk_size):
     carry_leaves = tuple(
         ops.concatenate([ops.expand_dims(f, 2), s], axis=2) for f, s in zip(first, summary)
     )
-    if isinstance(n, int):
-        carry_m, carry_u, carry_w = blocked_prefix(*carry_leaves, chunk_size)
-    else:
-        carry_m, carry_u, carry_w = dense_prefix(*carry_leaves)
+    carry_m, carry_u, carry_w = blocked_prefix(*carry_leaves, chunk_size, levels - 1)
     total = aaren_combine((carry_m[..., None], carry_u[..., None], carry_w[..., None, :]), local)
     m_tot, u_tot = (ops.reshape(x, (b, h, n * chunk_size))[:, :, :t] for x in total[:2])
     w_tot = ops.reshape(total[2], (b, h, n * chunk_size, d))[:, :, :t]

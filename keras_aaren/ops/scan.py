@@ -7,7 +7,6 @@ the O(T²) oracle they are tested against, and `backend` compiles them.
 
 from keras import ops
 
-from keras_aaren.ops import backend as plumbing
 from keras_aaren.ops.associative import scan_associative
 from keras_aaren.ops.chunked import DEFAULT_CHUNK_SIZE, scan_chunked
 from keras_aaren.ops.recurrence import identity_state, scan_dtype, scan_sequential
@@ -89,10 +88,10 @@ def aaren_scan(
             parallel prefix scan with ⊕, `keras.ops.associative_scan`), `"chunked"` (a masked
             matrix product inside chunks of `chunk_size` with a per-row running max, and a prefix
             over the chunk summaries; no loop, so it compiles under XLA, and its gradient is a
-            closed form) or `"auto"` (`"chunked"` on every backend). On TensorFlow, `"chunked"`
-            and `"auto"` run as one XLA-compiled `tf.function` per shape, also when called
-            eagerly, or inline when the caller is itself XLA-compiled. On JAX, every method runs
-            as one `jax.jit` program per shape, eager or inside a caller's trace.
+            closed form) or `"auto"` (`"chunked"` on every backend). Every method is plain
+            `keras.ops`: it compiles with its caller (`fit`, `predict`, `jax.jit`,
+            `tf.function`), for a static or an unknown length, and runs op by op when called
+            eagerly; the op compiles nothing on its own behalf.
         chunk_size: int >= 2, the chunk length of `"chunked"`.
 
     Returns:
@@ -120,9 +119,7 @@ def aaren_scan(
     _validate(scores, values, initial_state, mask, method, chunk_size)
     if initial_state is not None:
         initial_state = tuple(ops.convert_to_tensor(x) for x in initial_state)
-    # TensorFlow's XLA cannot compile its associative_scan or a while loop over `ops.scan` here.
-    run = plumbing.compiled(_scan, static_argnums=(4, 5), xla=method in ("auto", "chunked"))
-    return run(scores, values, initial_state, mask, method, chunk_size)
+    return _scan(scores, values, initial_state, mask, method, chunk_size)
 
 
 def _scan(scores, values, initial_state, mask, method, chunk_size):
