@@ -14,25 +14,22 @@ from keras_aaren.layers.arguments import (
     PROJECTION,
     RECURRENT,
     VALUE_DIM,
-    takes,
+    expose_cell_arguments,
 )
 from keras_aaren.layers.base import (
     AttentionCell,
     ParallelRNN,
     check_float,
     check_token_shape,
-    follow_input_width,
-    init_sequence_layer,
 )
 from keras_aaren.ops import aaren_scan, aaren_step
 from keras_aaren.ops.recurrence import scan_dtype
 
 # The arguments of the cell after `num_heads` and `key_dim`.
-CELL_ARGUMENTS = (VALUE_DIM, OUTPUT_DIM, PROJECTION)
+CELL_ARGUMENTS = (*VALUE_DIM, *OUTPUT_DIM, *PROJECTION)
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
-@takes(*CELL_ARGUMENTS)
 class AarenCell(AttentionCell):
     """Cell for the Aaren layer (Feng et al., "Attention as an RNN", arXiv 2405.13956).
 
@@ -68,7 +65,20 @@ class AarenCell(AttentionCell):
     Args:
         num_heads: int, number of attention heads, each with its own learned query.
         key_dim: int, size of each head's query and key.
-        {arguments}
+        value_dim: int, size of each head's value; defaults to `key_dim`.
+        output_dim: int, width of the output; defaults to the width of the input.
+        use_bias: bool, whether the projections use bias vectors.
+        kernel_initializer: initializer of the kernels.
+        bias_initializer: initializer of the biases.
+        query_initializer: initializer of the learned query token; `None` means
+            `RandomNormal(stddev=1.0)`, which gives queries of the scale that
+            `MultiHeadAttention` computes from normalized inputs.
+        kernel_regularizer: regularizer of the kernels.
+        bias_regularizer: regularizer of the biases.
+        query_regularizer: regularizer of the learned query token.
+        kernel_constraint: constraint of the kernels.
+        bias_constraint: constraint of the biases.
+        query_constraint: constraint of the learned query token.
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -96,17 +106,55 @@ class AarenCell(AttentionCell):
         (4, 10, 16)
     """
 
+    arguments = CELL_ARGUMENTS
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        value_dim=None,
+        output_dim=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        query_initializer=None,
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        query_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        query_constraint=None,
+        **kwargs,
+    ):
+        values = dict(
+            value_dim=value_dim,
+            output_dim=output_dim,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            query_initializer=query_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            query_regularizer=query_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            query_constraint=query_constraint,
+        )
+        super().__init__(num_heads, key_dim, values, **kwargs)
+
     @property
     def output_size(self):
         return self.output_dim if self.output_dim is not None else self.input_dim
 
-    @property
-    def state_size(self):
-        # The output's size is that of the input when `output_dim` is None, known after `build`.
-        if self.output_size is None:
-            follow_input_width(self)
-        heads = self.num_heads
-        return [self.output_size, 2 * heads + heads * self.value_dim]
+    def unknown_width_message(self):
+        return (
+            f"AarenCell '{self.name}' does not know its state size yet: with `output_dim=None` "
+            "its output, and so its first state, has the width of its input, which it learns "
+            "when it is built, while keras.layers.RNN reads the state sizes when it is "
+            "constructed. Pass `output_dim` (the width of the input), build the cell first "
+            "(`cell.build((batch_size, features))`), or use `Aaren`, which learns the width "
+            "from its input. Received: output_dim=None on an unbuilt cell"
+        )
 
     def build(self, input_shape):
         check_token_shape(self, input_shape)
@@ -258,7 +306,6 @@ class AarenCell(AttentionCell):
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
-@takes(*CELL_ARGUMENTS, RECURRENT, cell_arguments=AarenCell.arguments)
 class Aaren(ParallelRNN):
     """Aaren layer: attention computed as an RNN, in parallel (Feng et al., arXiv 2405.13956).
 
@@ -289,7 +336,30 @@ class Aaren(ParallelRNN):
     Args:
         num_heads: int, number of attention heads, each with its own learned query.
         key_dim: int, size of each head's query and key.
-        {arguments}
+        value_dim: int, size of each head's value; defaults to `key_dim`.
+        output_dim: int, width of the output; defaults to the width of the input.
+        use_bias: bool, whether the projections use bias vectors.
+        kernel_initializer: initializer of the kernels.
+        bias_initializer: initializer of the biases.
+        query_initializer: initializer of the learned query token; `None` means
+            `RandomNormal(stddev=1.0)`, which gives queries of the scale that
+            `MultiHeadAttention` computes from normalized inputs.
+        kernel_regularizer: regularizer of the kernels.
+        bias_regularizer: regularizer of the biases.
+        query_regularizer: regularizer of the learned query token.
+        kernel_constraint: constraint of the kernels.
+        bias_constraint: constraint of the biases.
+        query_constraint: constraint of the learned query token.
+        method: how the sequence is computed: `"auto"` (the fastest exact scan for the backend),
+            `"chunked"`, `"associative"` (the paper's parallel prefix scan), or `"sequential"`
+            (the `keras.layers.RNN` step loop over the cell). See `keras_aaren.ops.aaren_scan`.
+        return_sequences: bool, return the output at every timestep, or only the last.
+        return_state: bool, also return the final states `[y, c]` (see the cell).
+        go_backwards: bool, process the sequence backwards and return the reversed sequence.
+        stateful: bool, the final states of a batch are the initial states of the next one.
+        unroll: bool, unroll the step loop; used only by `method="sequential"`.
+        zero_output_for_mask: bool, output zeros at masked timesteps instead of the previous
+            output (only with `return_sequences=True`, as in `keras.layers.RNN`).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -323,5 +393,63 @@ class Aaren(ParallelRNN):
         True
     """
 
-    def __init__(self, num_heads, key_dim, **kwargs):
-        init_sequence_layer(self, AarenCell, num_heads, key_dim, kwargs, "aaren_cell")
+    arguments = CELL_ARGUMENTS + RECURRENT
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        value_dim=None,
+        output_dim=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        query_initializer=None,
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        query_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        query_constraint=None,
+        method="auto",
+        return_sequences=False,
+        return_state=False,
+        go_backwards=False,
+        stateful=False,
+        unroll=False,
+        zero_output_for_mask=False,
+        **kwargs,
+    ):
+        cell = AarenCell(
+            num_heads,
+            key_dim,
+            value_dim=value_dim,
+            output_dim=output_dim,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            query_initializer=query_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            query_regularizer=query_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            query_constraint=query_constraint,
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+            name="aaren_cell",
+        )
+        super().__init__(
+            cell,
+            method=method,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=unroll,
+            zero_output_for_mask=zero_output_for_mask,
+            **kwargs,
+        )
+
+
+expose_cell_arguments(Aaren, AarenCell)

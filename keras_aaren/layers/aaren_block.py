@@ -7,45 +7,27 @@ import keras
 from keras import ops
 
 from keras_aaren.layers.aaren import AarenCell
+from keras_aaren.compat import DropoutRNNCell
 from keras_aaren.layers.arguments import (
     BLOCK,
     PROJECTION,
     RECURRENT,
     VALUE_DIM,
-    takes,
+    expose_cell_arguments,
+    with_defaults,
 )
 from keras_aaren.layers.base import (
     AttentionCell,
     ParallelRNN,
     check_float,
     check_token_shape,
-    follow_input_width,
-    init_sequence_layer,
 )
 
 # The arguments of the block cell after `num_heads` and `key_dim`.
-CELL_ARGUMENTS = (VALUE_DIM, BLOCK, PROJECTION)
-
-
-def _dropout_rnn_cell():
-    """Keras' mixin for cells whose dropout masks `keras.layers.RNN` draws before its loop.
-
-    `keras.layers.RNN` draws the masks of a cell that derives from it once per call, outside its
-    step loop, as `LSTMCell`'s are; a cell that drew them inside the loop would, on JAX, advance
-    a seed generator inside `jax.lax.scan` and leak its tracer. Keras does not export the class,
-    so it is taken from `LSTMCell`'s bases; without it the cell draws in the loop.
-    """
-    for base in keras.layers.LSTMCell.__mro__:
-        if base.__name__ == "DropoutRNNCell":
-            return base
-    return object
-
-
-DropoutRNNCell = _dropout_rnn_cell()
+CELL_ARGUMENTS = (*VALUE_DIM, *BLOCK, *PROJECTION)
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
-@takes(*CELL_ARGUMENTS)
 class AarenBlockCell(DropoutRNNCell, AttentionCell):
     """Cell of a Transformer encoder block whose attention is Aaren (arXiv 2405.13956).
 
@@ -54,7 +36,7 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
     on each token alone, so a stack of blocks streams exactly like one Aaren layer. Wrap it in
     `keras.layers.RNN`, or use `layer.cell` of a trained `AarenBlock`. Its first state is its
     previous output, of the input's width: `keras.layers.RNN` reads the state sizes when it is
-    constructed, so with `return_state=True` on a symbolic input, build the cell first.
+    constructed, so build the cell (`cell.build((batch_size, width))`) before you wrap it.
 
     Post-norm (the default, as in the original Transformer encoder):
 
@@ -67,14 +49,34 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
     y = h + \\operatorname{FFN}(\\operatorname{LN}_2(h))$$
 
     with $\\operatorname{FFN}(h) = \\sigma(h W_1 + b_1) W_2 + b_2$ and dropout on the outputs of
-    Aaren and of the FFN. Code names: `attention` (the `AarenCell`), `attention_norm`
+    Aaren and of the FFN. Dropout draws one mask per sequence (per call of `keras.layers.RNN`
+    or of `AarenBlock`), the same at every token, as `LSTMCell` does; so the block drops the
+    same way token by token and in parallel, whatever its `method`. Code names: `attention` (the `AarenCell`), `attention_norm`
     ($\\operatorname{LN}_1$), `ffn_norm` ($\\operatorname{LN}_2$), `ffn_intermediate` ($W_1$),
     `ffn_output` ($W_2$).
 
     Args:
         num_heads: int, number of Aaren heads.
         key_dim: int, size of each head's query and key (as in `MultiHeadAttention`).
-        {arguments}
+        value_dim: int, size of each head's value; defaults to `key_dim`.
+        ffn_dim: int, width of the feed-forward network's hidden layer; defaults to `4 * width`.
+        activation: activation of the feed-forward network's hidden layer.
+        dropout: float in [0, 1), dropout rate after Aaren and after the feed-forward network.
+        norm_first: bool, pre-norm (True) or post-norm (False) residuals.
+        layer_norm_epsilon: float, epsilon of both LayerNormalization layers.
+        seed: int, the random seed of the dropout.
+        use_bias: bool, whether the projections use bias vectors.
+        kernel_initializer: initializer of the kernels.
+        bias_initializer: initializer of the biases.
+        query_initializer: initializer of the learned query token; `None` means
+            `RandomNormal(stddev=1.0)`, which gives queries of the scale that
+            `MultiHeadAttention` computes from normalized inputs.
+        kernel_regularizer: regularizer of the kernels.
+        bias_regularizer: regularizer of the biases.
+        query_regularizer: regularizer of the learned query token.
+        kernel_constraint: constraint of the kernels.
+        bias_constraint: constraint of the biases.
+        query_constraint: constraint of the learned query token.
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -100,11 +102,55 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         (3, 7, 16)
     """
 
-    def __init__(self, num_heads, key_dim, **kwargs):
-        super().__init__(num_heads, key_dim, **kwargs)
+    arguments = CELL_ARGUMENTS
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        value_dim=None,
+        ffn_dim=None,
+        activation="relu",
+        dropout=0.0,
+        norm_first=False,
+        layer_norm_epsilon=1e-05,
+        seed=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        query_initializer=None,
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        query_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        query_constraint=None,
+        **kwargs,
+    ):
+        values = dict(
+            value_dim=value_dim,
+            ffn_dim=ffn_dim,
+            activation=activation,
+            dropout=dropout,
+            norm_first=norm_first,
+            layer_norm_epsilon=layer_norm_epsilon,
+            seed=seed,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            query_initializer=query_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            query_regularizer=query_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            query_constraint=query_constraint,
+        )
+        super().__init__(num_heads, key_dim, values, **kwargs)
         self.attention = None
-        # The step form's dropout masks (see `DropoutRNNCell`): one for the attention's output
-        # and one for the feed-forward network's, drawn once per call of `keras.layers.RNN`.
+        # The dropout masks (see `DropoutRNNCell`): one for the attention's output and one for
+        # the feed-forward network's, drawn by `keras.layers.RNN` once per call, before its
+        # loop, and read by both forms of the block.
         self.recurrent_dropout = 0.0
         self.dropout_mask_count = 2
         self.seed_generator = keras.random.SeedGenerator(self.seed)
@@ -113,13 +159,14 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
     def output_size(self):
         return self.input_dim
 
-    @property
-    def state_size(self):
-        # The block's previous output, then the attention's (m, u, w) in one tensor.
-        if self.input_dim is None:
-            follow_input_width(self)
-        heads = self.num_heads
-        return [self.input_dim, 2 * heads + heads * self.value_dim]
+    def unknown_width_message(self):
+        return (
+            f"AarenBlockCell '{self.name}' does not know its state size yet: its output, and "
+            "so its first state, has the width of its input, which it learns when it is "
+            "built, while keras.layers.RNN reads the state sizes when it is constructed. Build "
+            "the cell first (`cell.build((batch_size, width))`), or use `AarenBlock`, which "
+            "learns the width from its input. Received: an unbuilt cell"
+        )
 
     def build(self, input_shape):
         check_token_shape(self, input_shape)
@@ -149,9 +196,6 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         norm = dict(epsilon=self.layer_norm_epsilon, **policy)
         self.attention_norm = keras.layers.LayerNormalization(name="attention_norm", **norm)
         self.ffn_norm = keras.layers.LayerNormalization(name="ffn_norm", **norm)
-        seeds = (None, None) if self.seed is None else (self.seed, self.seed + 1)
-        self.attention_dropout = keras.layers.Dropout(self.dropout, seed=seeds[0], **policy)
-        self.ffn_dropout = keras.layers.Dropout(self.dropout, seed=seeds[1], **policy)
 
         token_shape = tuple(input_shape)
         self.attention.build(token_shape)
@@ -164,29 +208,33 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
     def _attention_input(self, x):
         return self.attention_norm(x) if self.norm_first else x
 
-    def _rest_of_block(self, x, attended, dropout_attended, dropout_ffn):
-        # Everything after the attention acts on each token alone.
-        h = x + dropout_attended(attended)
+    def _rest_of_block(self, x, attended, token, training):
+        """Everything after the attention, which acts on each token alone.
+
+        `token` is one token of `x` (`(batch_size, width)`), from which the dropout masks are
+        drawn when the call has none yet; they broadcast over the time axis of a sequence.
+        """
+        if training and self.dropout > 0:
+            masks = self.get_dropout_mask(token)
+            if len(x.shape) == 3:
+                masks = [mask[:, None] for mask in masks]
+            drop_attention, drop_ffn = (
+                lambda t, mask=mask: t * ops.cast(mask, t.dtype) for mask in masks
+            )
+        else:
+            drop_attention = drop_ffn = lambda t: t
+        h = x + drop_attention(attended)
         if not self.norm_first:
             h = self.attention_norm(h)
         ffn_input = self.ffn_norm(h) if self.norm_first else h
         ffn = self.ffn_output(self.ffn_intermediate(ffn_input))
-        y = h + dropout_ffn(ffn)
+        y = h + drop_ffn(ffn)
         return y if self.norm_first else self.ffn_norm(y)
 
     def call(self, inputs, states, training=False):
         check_float(self, inputs)
         attended, new_states = self.attention.call_token(self._attention_input(inputs), states[1:])
-        if training and self.dropout > 0 and hasattr(self, "get_dropout_mask"):
-            # The same masks at every step of one call of keras.layers.RNN, as LSTMCell's.
-            masks = self.get_dropout_mask(inputs)
-            drop = [lambda t, mask=mask: t * ops.cast(mask, t.dtype) for mask in masks]
-        else:
-            drop = [
-                lambda t: self.attention_dropout(t, training=training),
-                lambda t: self.ffn_dropout(t, training=training),
-            ]
-        outputs = self._rest_of_block(inputs, attended, *drop)
+        outputs = self._rest_of_block(inputs, attended, inputs, training)
         return outputs, [ops.cast(outputs, states[0].dtype), *new_states]
 
     def call_sequence(
@@ -201,14 +249,10 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
             method=method,
             last_only=last_only,
         )
+        token = sequences[:, 0]
         if last_only:
             sequences = sequences[:, -1:]
-        outputs = self._rest_of_block(
-            sequences,
-            attended,
-            lambda t: self.attention_dropout(t, training=training),
-            lambda t: self.ffn_dropout(t, training=training),
-        )
+        outputs = self._rest_of_block(sequences, attended, token, training)
         return outputs, new_states
 
     def get_initial_state(self, batch_size=None):
@@ -217,12 +261,6 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
-@takes(
-    *CELL_ARGUMENTS,
-    RECURRENT,
-    defaults={"return_sequences": True},
-    cell_arguments=AarenBlockCell.arguments,
-)
 class AarenBlock(ParallelRNN):
     """Transformer encoder block with Aaren as its attention (Feng et al., arXiv 2405.13956).
 
@@ -242,7 +280,35 @@ class AarenBlock(ParallelRNN):
     Args:
         num_heads: int, number of Aaren heads.
         key_dim: int, size of each head's query and key (as in `MultiHeadAttention`).
-        {arguments}
+        value_dim: int, size of each head's value; defaults to `key_dim`.
+        ffn_dim: int, width of the feed-forward network's hidden layer; defaults to `4 * width`.
+        activation: activation of the feed-forward network's hidden layer.
+        dropout: float in [0, 1), dropout rate after Aaren and after the feed-forward network.
+        norm_first: bool, pre-norm (True) or post-norm (False) residuals.
+        layer_norm_epsilon: float, epsilon of both LayerNormalization layers.
+        seed: int, the random seed of the dropout.
+        use_bias: bool, whether the projections use bias vectors.
+        kernel_initializer: initializer of the kernels.
+        bias_initializer: initializer of the biases.
+        query_initializer: initializer of the learned query token; `None` means
+            `RandomNormal(stddev=1.0)`, which gives queries of the scale that
+            `MultiHeadAttention` computes from normalized inputs.
+        kernel_regularizer: regularizer of the kernels.
+        bias_regularizer: regularizer of the biases.
+        query_regularizer: regularizer of the learned query token.
+        kernel_constraint: constraint of the kernels.
+        bias_constraint: constraint of the biases.
+        query_constraint: constraint of the learned query token.
+        method: how the sequence is computed: `"auto"` (the fastest exact scan for the backend),
+            `"chunked"`, `"associative"` (the paper's parallel prefix scan), or `"sequential"`
+            (the `keras.layers.RNN` step loop over the cell). See `keras_aaren.ops.aaren_scan`.
+        return_sequences: bool, return the output at every timestep, or only the last.
+        return_state: bool, also return the final states `[y, c]` (see the cell).
+        go_backwards: bool, process the sequence backwards and return the reversed sequence.
+        stateful: bool, the final states of a batch are the initial states of the next one.
+        unroll: bool, unroll the step loop; used only by `method="sequential"`.
+        zero_output_for_mask: bool, output zeros at masked timesteps instead of the previous
+            output (only with `return_sequences=True`, as in `keras.layers.RNN`).
         **kwargs: base layer keyword arguments.
 
     Call arguments:
@@ -272,5 +338,73 @@ class AarenBlock(ParallelRNN):
         (2, 9, 16)
     """
 
-    def __init__(self, num_heads, key_dim, **kwargs):
-        init_sequence_layer(self, AarenBlockCell, num_heads, key_dim, kwargs, "aaren_block_cell")
+    arguments = CELL_ARGUMENTS + with_defaults(RECURRENT, return_sequences=True)
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        value_dim=None,
+        ffn_dim=None,
+        activation="relu",
+        dropout=0.0,
+        norm_first=False,
+        layer_norm_epsilon=1e-05,
+        seed=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        query_initializer=None,
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        query_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        query_constraint=None,
+        method="auto",
+        return_sequences=True,
+        return_state=False,
+        go_backwards=False,
+        stateful=False,
+        unroll=False,
+        zero_output_for_mask=False,
+        **kwargs,
+    ):
+        cell = AarenBlockCell(
+            num_heads,
+            key_dim,
+            value_dim=value_dim,
+            ffn_dim=ffn_dim,
+            activation=activation,
+            dropout=dropout,
+            norm_first=norm_first,
+            layer_norm_epsilon=layer_norm_epsilon,
+            seed=seed,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            query_initializer=query_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            query_regularizer=query_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            query_constraint=query_constraint,
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+            name="aaren_block_cell",
+        )
+        super().__init__(
+            cell,
+            method=method,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=unroll,
+            zero_output_for_mask=zero_output_for_mask,
+            **kwargs,
+        )
+
+
+expose_cell_arguments(AarenBlock, AarenBlockCell)

@@ -1,16 +1,14 @@
 """The constructor arguments the layers share, each defined once: default, meaning, check, config.
 
-A class lists the groups it takes with `@takes(...)`; the decorator gives its `__init__` the
-full signature (so `inspect.signature`, IDEs and the test that walks every argument see each
-one), writes the arguments' descriptions into the class docstring at `{arguments}`, and, for a
-sequence layer, exposes each of its cell's arguments as a read-only property. `resolve` turns
-the received values into stored ones (validated, identifiers deserialized) and `serialize` does
-the reverse for `get_config`.
+Each class writes its signature and its `Args:` out in its own source, so that IDEs, type
+checkers and the documentation read them without running the code; `tests/layers/
+test_arguments.py` checks that every signature default and every docstring line equals the
+definition here. A class lists the groups it takes in its `arguments`; `resolve` turns the
+received values into stored ones (validated, identifiers deserialized) and `serialize` does the
+reverse for `get_config`.
 """
 
 import dataclasses
-import inspect
-import textwrap
 
 import keras
 
@@ -210,72 +208,19 @@ def serialize(arguments, owner):
     return config
 
 
-def split(arguments, kwargs):
-    """Pop the values of `arguments` out of `kwargs` (missing ones take their defaults)."""
-    return {a.name: kwargs.pop(a.name, a.default) for a in arguments}
-
-
-def document(arguments, indent):
-    """The `Args:` lines of `arguments`, indented for a docstring."""
-    lines = []
-    for argument in arguments:
-        entry = textwrap.fill(
-            f"{argument.name}: {argument.doc}",
-            width=96 - indent,
-            subsequent_indent="    ",
-        )
-        lines.append(textwrap.indent(entry, " " * indent))
-    return "\n".join(lines).lstrip()
-
-
-def takes(*groups, defaults=None, cell_arguments=()):
-    """Class decorator: the class's `__init__` takes the arguments of `groups` as keywords.
-
-    Args:
-        *groups: tuples of `Argument`s, in the order of the signature.
-        defaults: optional dict overriding a default for this class (e.g. `return_sequences`).
-        cell_arguments: for a sequence layer, the arguments its cell stores, exposed as
-            read-only properties of the layer.
-    """
-    defaults = defaults or {}
-    arguments = tuple(
+def with_defaults(arguments, **defaults):
+    """`arguments` with some defaults replaced, for a class whose defaults differ."""
+    return tuple(
         dataclasses.replace(a, default=defaults[a.name]) if a.name in defaults else a
-        for group in groups
-        for a in group
+        for a in arguments
     )
 
-    def decorate(cls):
-        if "__init__" not in vars(cls):
-            # The signature is the class's own: inherited constructors get a wrapper to carry it.
-            inherited = cls.__init__
 
-            def __init__(self, *args, **kwargs):
-                inherited(self, *args, **kwargs)
-
-            __init__.__signature__ = inspect.signature(inherited)
-            __init__.__module__ = cls.__module__
-            __init__.__qualname__ = f"{cls.__qualname__}.__init__"
-            cls.__init__ = __init__
-        init = cls.__init__
-        signature = inspect.signature(init)
-        own = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
-        shared = [
-            inspect.Parameter(a.name, inspect.Parameter.KEYWORD_ONLY, default=a.default)
-            for a in arguments
-        ]
-        kwargs = inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)
-        init.__signature__ = signature.replace(parameters=[*own, *shared, kwargs])
-        cls.arguments = arguments
-        if cls.__doc__ and "{arguments}" in cls.__doc__:
-            line = next(x for x in cls.__doc__.splitlines() if "{arguments}" in x)
-            indent = len(line) - len(line.lstrip())
-            cls.__doc__ = cls.__doc__.replace("{arguments}", document(arguments, indent))
-        if cell_arguments:
-            for name in ("num_heads", "key_dim", *(a.name for a in cell_arguments)):
-                setattr(cls, name, _cell_property(name))
-        return cls
-
-    return decorate
+def expose_cell_arguments(layer_class, cell_class):
+    """Give a sequence layer read-only properties for its cell's arguments, as `LSTM` has for
+    `LSTMCell`'s (`layer.num_heads` is `layer.cell.num_heads`)."""
+    for name in ("num_heads", "key_dim", *(a.name for a in cell_class.arguments)):
+        setattr(layer_class, name, _cell_property(name))
 
 
 def _cell_property(name):

@@ -4,12 +4,11 @@ also compute a whole sequence at once.
 Shape letters used in this module: B batch, T timesteps, F input features, O output features.
 """
 
-import sys
-
 import keras
 from keras import ops
 
-from keras_aaren.layers.arguments import RECURRENT, resolve, serialize, split
+from keras_aaren.compat import output_before_first_real_step
+from keras_aaren.layers.arguments import resolve, serialize
 from keras_aaren.ops.scan import check_method
 from keras_aaren.validation import check_positive_int, check_shape
 
@@ -34,19 +33,20 @@ def check_token_shape(layer, input_shape):
 
 
 class AttentionCell(keras.layers.Layer):
-    """The constructor and config the cells share: `num_heads`, `key_dim`, then `arguments`.
+    """The constructor, config and state size the cells share.
 
-    A subclass lists its further arguments with `arguments.takes`; they are checked, stored as
-    attributes (identifiers deserialized) and serialized by `get_config` from that one list.
+    A subclass lists its arguments after `num_heads` and `key_dim` in `arguments` (a tuple of
+    `arguments.Argument`) and passes the values it received as a dict; they are checked, stored
+    as attributes (identifiers deserialized) and serialized by `get_config` from that one list.
     `value_dim=None` means `key_dim`; `input_dim` is known once the cell is built.
     """
 
     arguments = ()
 
-    def __init__(self, num_heads, key_dim, **kwargs):
+    def __init__(self, num_heads, key_dim, values, **kwargs):
         check_positive_int("num_heads", num_heads)
         check_positive_int("key_dim", key_dim)
-        values = resolve(self.arguments, split(self.arguments, kwargs))
+        values = resolve(self.arguments, values)
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.key_dim = key_dim
@@ -55,6 +55,26 @@ class AttentionCell(keras.layers.Layer):
         if self.value_dim is None:
             self.value_dim = key_dim
         self.input_dim = None
+        # Set by `ParallelRNN` while keras.layers.RNN's constructor reads `state_size`.
+        self.width_pending = False
+
+    @property
+    def state_size(self):
+        # The previous output, then the attention's (m, u, w) in one tensor.
+        heads = self.num_heads
+        return [self.previous_output_size(), 2 * heads + heads * self.value_dim]
+
+    def previous_output_size(self):
+        """The size of the first state, the previous output; see `unknown_width_message`."""
+        if self.output_size is not None:
+            return self.output_size
+        if self.width_pending:
+            return None
+        raise ValueError(self.unknown_width_message())
+
+    def unknown_width_message(self):
+        """Why the state size is unknown, and what to pass (overridden per cell)."""
+        raise NotImplementedError
 
     def get_config(self):
         config = {"num_heads": self.num_heads, "key_dim": self.key_dim}
@@ -76,46 +96,17 @@ def _check_sequences_shape(layer, shape):
         )
 
 
-def follow_input_width(cell):
-    """Keep a `keras.layers.RNN` that wraps `cell` right about sizes known only once it is built.
-
-    A cell whose output has its input's width (`AarenCell` with `output_dim=None`,
-    `AarenBlockCell`) learns that width in `build`, but `keras.layers.RNN` copies
-    `cell.state_size` in its constructor and answers `compute_output_shape` from that copy: with
-    `return_state=True` on a symbolic input it would silently drop the state whose size was
-    still unknown. Called from the cell's `state_size` while an RNN's constructor reads it, this
-    gives that RNN a `compute_output_shape` that first takes the width from the input shape and
-    reads the sizes again, so that it answers from the input shape as `LSTM` does. Keras offers
-    no public hook for this, so the wrapping RNN is found as the caller of `state_size`.
-    """
-    caller = sys._getframe(2).f_locals.get("self")
-    if (
-        not isinstance(caller, keras.layers.RNN)
-        or isinstance(caller, ParallelRNN)
-        or getattr(caller, "cell", None) is not cell
-        or "compute_output_shape" in vars(caller)
-    ):
-        return
-    answer = caller.compute_output_shape
-
-    def compute_output_shape(sequences_shape, initial_state_shape=None):
-        learn_width(cell, sequences_shape)
-        caller.state_size = list(cell.state_size)
-        return answer(sequences_shape, initial_state_shape)
-
-    caller.compute_output_shape = compute_output_shape
-
-
 def learn_width(cell, sequences_shape):
     """Set an unbuilt cell's `input_dim` from a sequence shape, where the shape knows it."""
     if cell.input_dim is None and len(sequences_shape) == 3 and sequences_shape[-1] is not None:
         cell.input_dim = int(sequences_shape[-1])
 
 
-def _carry_last_real(outputs, mask):
-    """Each step's output replaced by that of the last real step up to it; 0 before any.
+def _carry_last_real(outputs, mask, before):
+    """Each step's output replaced by that of the last real step up to it; `before` before any.
 
-    outputs: (B, T, O); mask: (B, T) bool. A gather, so it compiles under XLA like the scan.
+    outputs: (B, T, O); mask: (B, T) bool; before: (B, O). A gather, so it compiles under XLA
+    like the scan.
     """
     steps = ops.shape(mask)[1]
     position = ops.arange(steps)
@@ -126,7 +117,7 @@ def _carry_last_real(outputs, mask):
     source = ops.take_along_axis(order, ops.maximum(count - 1, 0), axis=1)  # (B, T)
     index = ops.repeat(source[..., None], outputs.shape[-1], axis=-1)  # (B, T, O)
     carried = ops.take_along_axis(outputs, index, axis=1)
-    return ops.where((count > 0)[..., None], carried, ops.zeros_like(carried))
+    return ops.where((count > 0)[..., None], carried, ops.cast(before, carried.dtype)[:, None])
 
 
 class ParallelRNN(keras.layers.RNN):
@@ -151,7 +142,14 @@ class ParallelRNN(keras.layers.RNN):
 
     def __init__(self, cell, method="auto", **kwargs):
         check_method(method)
-        super().__init__(cell, **kwargs)
+        # keras.layers.RNN copies the cell's state sizes here, before the input tells the cell
+        # its width; this layer reads them again once it knows (`build`,
+        # `compute_output_shape`), so the cell may leave that size open meanwhile.
+        cell.width_pending = True
+        try:
+            super().__init__(cell, **kwargs)
+        finally:
+            cell.width_pending = False
         self.method = method
         self.supports_masking = True
 
@@ -207,12 +205,14 @@ class ParallelRNN(keras.layers.RNN):
         if mask is None:
             last = outputs[:, -1]
         else:
-            # keras.layers.RNN outputs, at a masked step, the output of the last real step (0
-            # before the first real token of the call), or 0 with zero_output_for_mask. A cell's
-            # output at a masked step need not equal that (a block's residual sees the masked
-            # token's input), so carry the last real output forward. The state keeps the last
-            # real output, or the incoming one if the call saw no real token.
-            carried = _carry_last_real(outputs, mask)
+            # keras.layers.RNN outputs, at a masked step, the output of the last real step
+            # (before the first real token of the call, what its backend's loop outputs there),
+            # or 0 with zero_output_for_mask. A cell's output at a masked step need not equal
+            # that (a block's residual sees the masked token's input), so carry the last real
+            # output forward. The state keeps the last real output, or the incoming one if the
+            # call saw no real token.
+            before = output_before_first_real_step(previous)
+            carried = _carry_last_real(outputs, mask, before)
             seen = ops.any(mask, axis=1)[:, None]  # (B, 1)
             last = ops.where(seen, carried[:, -1], ops.cast(previous, carried.dtype))
             if self.zero_output_for_mask:
@@ -245,23 +245,3 @@ class ParallelRNN(keras.layers.RNN):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
-
-
-def init_sequence_layer(layer, cell_class, num_heads, key_dim, kwargs, cell_name):
-    """Build `layer`'s cell from the cell's own arguments in `kwargs`, then the RNN from the rest.
-
-    The sequence layers take their cell's arguments and `keras.layers.RNN`'s (with the scan
-    `method`) in one flat signature; each argument goes where it is defined.
-    """
-    cell_values = split(cell_class.arguments, kwargs)
-    names = {a.name for a in RECURRENT}
-    recurrent = split([a for a in type(layer).arguments if a.name in names], kwargs)
-    cell = cell_class(
-        num_heads,
-        key_dim,
-        **cell_values,
-        dtype=kwargs.get("dtype"),
-        trainable=kwargs.get("trainable", True),
-        name=cell_name,
-    )
-    ParallelRNN.__init__(layer, cell, **recurrent, **kwargs)

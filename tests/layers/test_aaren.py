@@ -18,7 +18,7 @@ from helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keras_aaren import Aaren, AarenCell, reset_states
+from keras_aaren import Aaren, AarenBlockCell, AarenCell, reset_states
 from keras_aaren.ops import METHODS, aaren_attention_naive
 
 
@@ -75,6 +75,23 @@ def test_initial_state_carries_over():
     assert_close(parallel[0], to_numpy(one_shot[0])[:, 12:])
     for got, want in zip(parallel[1:], one_shot[1:]):
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("mask_kind", ["left", "holes"])
+def test_initial_state_with_masked_leading_steps_matches_stepping(mask_kind):
+    # Before the first real token of a call, keras.layers.RNN outputs what its backend's loop
+    # outputs there (the incoming previous output on JAX, zeros elsewhere); so does the layer.
+    x = data(3, 10, seed=2)
+    mask = make_mask(mask_kind, 3, 10, seed=2)
+    mask[:, 0] = False
+    layer = Aaren(2, 4, return_sequences=True, return_state=True)
+    _, *state = layer(data(3, 4, seed=3))
+    parallel = layer(x, initial_state=state, mask=mask)
+    stepped = keras.layers.RNN(layer.cell, return_sequences=True, return_state=True)(
+        x, initial_state=state, mask=mask
+    )
+    for name, got, want in zip(["output", "y", "c"], parallel, stepped):
+        assert_close(got, want, what=name)
 
 
 def test_state_c_holds_the_papers_m_u_w():
@@ -233,7 +250,7 @@ def test_trained_weights_transfer_to_stepping_model():
     parallel = _model(Aaren(2, 4, return_sequences=True))
     parallel.compile("adam", "mse")
     parallel.fit(x, np.ones((4, 12, 1), "float32"), epochs=2, verbose=0)
-    stepping = _model(AarenCell(2, 4))
+    stepping = _model(AarenCell(2, 4, output_dim=FEATURES))
     assert [w.shape for w in stepping.weights] == [w.shape for w in parallel.weights]
     stepping.set_weights(parallel.get_weights())
     assert_close(stepping.predict(x, verbose=0), parallel.predict(x, verbose=0))
@@ -243,7 +260,7 @@ def test_keras_file_round_trip(tmp_path):
     x = data(3, 9, seed=9)
     inputs = keras.Input((None, FEATURES))
     hidden = Aaren(2, 4, return_sequences=True, method="associative", output_dim=8)(inputs)
-    outputs = keras.layers.RNN(AarenCell(1, 3))(hidden)
+    outputs = keras.layers.RNN(AarenCell(1, 3, output_dim=8))(hidden)
     model = keras.Model(inputs, outputs)
     path = str(tmp_path / "model.keras")
     model.save(path)
@@ -262,7 +279,8 @@ def test_compute_output_shape_before_build(wrapper):
     if wrapper == "aaren":
         layer = Aaren(2, 4, return_sequences=True, return_state=True)
     else:
-        layer = keras.layers.RNN(AarenCell(2, 4), return_sequences=True, return_state=True)
+        cell = AarenCell(2, 4, output_dim=FEATURES)
+        layer = keras.layers.RNN(cell, return_sequences=True, return_state=True)
     assert layer.compute_output_shape((3, 7, FEATURES)) == (
         (3, 7, FEATURES),
         (3, FEATURES),
@@ -341,8 +359,26 @@ def test_functional_shapes_with_unknown_dims(return_sequences, return_state):
         ]
 
 
+@pytest.mark.parametrize("cell", ["aaren_cell", "block_cell", "stacked"])
+def test_rnn_of_cell_of_unknown_width_names_what_to_pass(cell):
+    # keras.layers.RNN copies the state sizes when constructed; a cell whose width follows its
+    # input does not know them yet, and says so rather than let a state go missing.
+    if cell == "aaren_cell":
+        match = r"Pass `output_dim`.*Received: output_dim=None on an unbuilt cell"
+        cells = AarenCell(2, 4)
+    elif cell == "block_cell":
+        match = r"Build the cell first \(`cell.build\(\(batch_size, width\)\)`\)"
+        cells = AarenBlockCell(2, 4)
+    else:
+        match = "Pass `output_dim`"
+        cells = [AarenCell(2, 4, output_dim=3), AarenCell(2, 4)]
+    with pytest.raises(ValueError, match=match):
+        keras.layers.RNN(cells)
+
+
 @pytest.mark.parametrize(
-    "wrapper", ["aaren", "rnn", "rnn_with_output_dim", "rnn_of_built_cell", "bidirectional"]
+    "wrapper",
+    ["aaren", "rnn_with_output_dim", "rnn_of_built_cell", "bidirectional", "bidirectional_rnn"],
 )
 def test_functional_return_state_lists_every_state(wrapper):
     # The first state has the output's size, which with output_dim=None is the input width,
@@ -350,10 +386,10 @@ def test_functional_return_state_lists_every_state(wrapper):
     # constructed: every state must still come back, as LSTMCell's do.
     inputs = keras.Input((None, FEATURES))
     width = FEATURES
-    if wrapper == "aaren":
+    if wrapper in ("aaren", "bidirectional"):
         layer = Aaren(2, 4, return_state=True)
-    elif wrapper in ("rnn", "bidirectional"):
-        layer = keras.layers.RNN(AarenCell(2, 4), return_state=True)
+    elif wrapper == "bidirectional_rnn":
+        layer = keras.layers.RNN(AarenCell(2, 4, output_dim=FEATURES), return_state=True)
     elif wrapper == "rnn_with_output_dim":
         layer = keras.layers.RNN(AarenCell(2, 4, output_dim=5), return_state=True)
         width = 5
@@ -361,7 +397,7 @@ def test_functional_return_state_lists_every_state(wrapper):
         cell = AarenCell(2, 4)
         cell.build((None, FEATURES))
         layer = keras.layers.RNN(cell, return_state=True)
-    if wrapper == "bidirectional":
+    if wrapper.startswith("bidirectional"):
         outputs = keras.layers.Bidirectional(layer)(inputs)
         states = [(None, width), (None, 2 + 2 + 2 * 4)]
         expected = [(None, 2 * width), *states, *states]
@@ -431,7 +467,7 @@ def test_reset_states_helper():
         [
             keras.Input(batch_shape=(2, None, FEATURES)),
             Aaren(2, 4, return_sequences=True, stateful=True),
-            keras.layers.RNN(AarenCell(1, 2), return_sequences=True, stateful=True),
+            keras.layers.RNN(AarenCell(1, 2, output_dim=3), return_sequences=True, stateful=True),
         ]
     )
     x = data(2, 10, seed=13)
@@ -490,4 +526,4 @@ def test_bad_inputs_raise():
     ):
         AarenCell(2, 4).build((2, 5, 3))
     with pytest.raises(ValueError, match="floating-point `inputs`"):
-        keras.layers.RNN(AarenCell(2, 4))(np.zeros((2, 5, 3), "int32"))
+        keras.layers.RNN(AarenCell(2, 4, output_dim=3))(np.zeros((2, 5, 3), "int32"))

@@ -151,6 +151,7 @@ def test_block_cell_dropout_trains_in_keras_rnn():
     # them inside the loop leaks a tracer on JAX.
     x, y = data(8, 11, WIDTH, seed=2), data(8, 11, 1, seed=3)
     cell = AarenBlockCell(2, 4, ffn_dim=8, dropout=0.5, seed=3)
+    cell.build((None, WIDTH))
     rnn = keras.layers.RNN(cell, return_sequences=True)
     model = keras.Sequential([keras.Input((11, WIDTH)), rnn, keras.layers.Dense(1)])
     model.compile("adam", "mse")
@@ -159,6 +160,30 @@ def test_block_cell_dropout_trains_in_keras_rnn():
     trained, inferred = to_numpy(rnn(x, training=True)), to_numpy(rnn(x, training=False))
     assert np.all(np.isfinite(trained))
     assert not np.allclose(trained, inferred)
+
+
+@pytest.mark.parametrize("other", ["sequential", "associative", "stepped"])
+def test_block_dropout_is_the_same_whatever_the_method(other):
+    # One mask per sequence, drawn from the cell's seed generator before the tokens are seen:
+    # the parallel block, its step loop and keras.layers.RNN over its cell drop alike.
+    x = data(3, 9, WIDTH, seed=4)
+    mask = make_mask("holes", 3, 9, seed=4)
+    mask[0, 0] = True
+    parallel = AarenBlock(2, 4, ffn_dim=8, dropout=0.5, seed=5)
+    inferred = parallel(x, mask=mask)
+    if other == "stepped":
+        twin = AarenBlock(2, 4, ffn_dim=8, dropout=0.5, seed=5)
+        twin(x)
+        twin.set_weights(parallel.get_weights())
+        layer = keras.layers.RNN(twin.cell, return_sequences=True)
+    else:
+        layer = AarenBlock(2, 4, ffn_dim=8, dropout=0.5, seed=5, method=other)
+        layer(x)
+        layer.set_weights(parallel.get_weights())
+    expected = parallel(x, mask=mask, training=True)
+    got = layer(x, mask=mask, training=True)
+    assert_close(got, expected)
+    assert not np.allclose(to_numpy(expected), to_numpy(inferred))
 
 
 def test_block_empty_sequence_names_the_time_axis():

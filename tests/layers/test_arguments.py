@@ -1,6 +1,9 @@
-"""Every constructor argument of every layer: stored, serialized and restored as given."""
+"""Every constructor argument of every layer: written in the source, stored, serialized and
+restored as given."""
 
+import ast
 import inspect
+import textwrap
 
 import keras
 import numpy as np
@@ -65,9 +68,11 @@ def test_signature_lists_every_argument(cls):
         assert [p.name for p in arguments(cell)] == names[: len(arguments(cell))]
 
 
-def wrap(layer):
-    # A cell is saved inside keras.layers.RNN; a sequence layer as it is.
+def wrap(layer, width):
+    # A cell is saved inside keras.layers.RNN, built first so that it knows its state sizes; a
+    # sequence layer as it is.
     if isinstance(layer, (AarenCell, AarenBlockCell)):
+        layer.build((None, width))
         return keras.layers.RNN(layer, return_sequences=True)
     return layer
 
@@ -90,7 +95,7 @@ def test_every_argument_survives_config_and_keras_file(cls, tmp_path):
         assert restored[name] == config[name], name
 
     inputs = keras.Input(batch_shape=(2, 5, 8))
-    outputs = wrap(layer)(inputs)
+    outputs = wrap(layer, 8)(inputs)
     model = keras.Model(inputs, outputs)
     path = str(tmp_path / "model.keras")
     model.save(path)
@@ -118,3 +123,35 @@ def test_every_argument_survives_config_and_keras_file(cls, tmp_path):
 def test_bad_shared_argument_is_named(cls, name, value, match):
     with pytest.raises(ValueError, match=match):
         cls(2, 4, **{name: value})
+
+
+def source_signature(cls):
+    """The `__init__` parameters as written in the class's source: what IDEs and type checkers
+    read without running the code."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    init = next(
+        node
+        for node in tree.body[0].body
+        if isinstance(node, ast.FunctionDef) and node.name == "__init__"
+    )
+    names = [a.arg for a in init.args.args]
+    defaults = [ast.literal_eval(d) for d in init.args.defaults]
+    return names, dict(zip(names[len(names) - len(defaults) :], defaults)), init.args.kwarg
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_source_signature_lists_every_argument_with_its_default(cls):
+    names, defaults, kwarg = source_signature(cls)
+    assert names == ["self", "num_heads", "key_dim", *(a.name for a in cls.arguments)]
+    assert kwarg is not None and kwarg.arg == "kwargs"
+    for argument in cls.arguments:
+        assert defaults[argument.name] == argument.default, argument.name
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_docstring_describes_every_argument_as_defined(cls):
+    # Each class writes its Args: out; the words are those of the one definition.
+    doc = " ".join(inspect.getdoc(cls).split())
+    for argument in cls.arguments:
+        line = " ".join(f"{argument.name}: {argument.doc}".split())
+        assert line in doc, f"{cls.__name__}'s docstring lacks: {line}"

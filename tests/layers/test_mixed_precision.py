@@ -88,7 +88,9 @@ def test_cell_stepping(policy):
     keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(1)
     x = long_inputs(512, seed=1)
-    layer = keras.layers.RNN(AarenCell(2, 8), return_sequences=True, return_state=True)
+    layer = keras.layers.RNN(
+        AarenCell(2, 8, output_dim=x.shape[-1]), return_sequences=True, return_state=True
+    )
     outputs, *states = layer(x)
     expected = expected_output(layer.cell, x, dtypes(policy)[0])
     check(outputs, states, layer, policy, expected, STEPPING_TOLERANCE)

@@ -28,7 +28,7 @@ def functional_mixed():
     hidden = keras.layers.Dense(WIDTH)(inputs)
     block = AarenBlock(2, 4, ffn_dim=16)(hidden)
     hidden = keras.layers.Add()([hidden, Aaren(2, 4, return_sequences=True)(block)])
-    hidden = keras.layers.RNN(AarenCell(1, 2), return_sequences=True)(hidden)
+    hidden = keras.layers.RNN(AarenCell(1, 2, output_dim=WIDTH), return_sequences=True)(hidden)
     outputs = keras.layers.Dense(1)(keras.layers.LSTM(4, return_sequences=True)(hidden))
     return keras.Model(inputs, outputs)
 
