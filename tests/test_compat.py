@@ -51,9 +51,7 @@ def test_output_before_first_real_step_is_what_keras_rnn_outputs():
     previous = np.full((2, 3), 0.5, "float32")
     mask = np.array([[False, True], [False, False]])
     x = np.ones((2, 2, 4), "float32")
-    outputs = keras.layers.RNN(cell, return_sequences=True)(
-        x, initial_state=[previous], mask=mask
-    )
+    outputs = keras.layers.RNN(cell, return_sequences=True)(x, initial_state=[previous], mask=mask)
     expected = to_numpy(compat.output_before_first_real_step(keras.ops.convert_to_tensor(previous)))
     np.testing.assert_allclose(
         to_numpy(outputs)[:, 0],

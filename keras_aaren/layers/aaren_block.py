@@ -6,8 +6,8 @@ Shape letters used in this module: B batch, T timesteps, F model width (features
 import keras
 from keras import ops
 
-from keras_aaren.layers.aaren import AarenCell
 from keras_aaren.compat import DropoutRNNCell
+from keras_aaren.layers.aaren import AarenCell
 from keras_aaren.layers.arguments import (
     BLOCK,
     PROJECTION,
@@ -51,9 +51,9 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
     with $\\operatorname{FFN}(h) = \\sigma(h W_1 + b_1) W_2 + b_2$ and dropout on the outputs of
     Aaren and of the FFN. Dropout draws one mask per sequence (per call of `keras.layers.RNN`
     or of `AarenBlock`), the same at every token, as `LSTMCell` does; so the block drops the
-    same way token by token and in parallel, whatever its `method`. Code names: `attention` (the `AarenCell`), `attention_norm`
-    ($\\operatorname{LN}_1$), `ffn_norm` ($\\operatorname{LN}_2$), `ffn_intermediate` ($W_1$),
-    `ffn_output` ($W_2$).
+    same way token by token and in parallel, whatever its `method`. Code names: `attention`
+    (the `AarenCell`), `attention_norm` ($\\operatorname{LN}_1$), `ffn_norm`
+    ($\\operatorname{LN}_2$), `ffn_intermediate` ($W_1$), `ffn_output` ($W_2$).
 
     Args:
         num_heads: int, number of Aaren heads.

@@ -2,7 +2,9 @@
 restored as given."""
 
 import ast
+import glob
 import inspect
+import os
 import textwrap
 
 import keras
@@ -155,3 +157,30 @@ def test_docstring_describes_every_argument_as_defined(cls):
     for argument in cls.arguments:
         line = " ".join(f"{argument.name}: {argument.doc}".split())
         assert line in doc, f"{cls.__name__}'s docstring lacks: {line}"
+
+
+def test_type_checker_sees_every_argument(tmp_path):
+    # What an IDE or a type checker reads: mypy, without running the code, on a user's script
+    # that constructs each class with keywords. It must report no error, and the constructor it
+    # sees must list every argument by name.
+    api = pytest.importorskip("mypy.api")
+    script = tmp_path / "user.py"
+    lines = ["from keras_aaren import Aaren, AarenBlock, AarenBlockCell, AarenCell"]
+    for cls in CLASSES:
+        keywords = ", ".join(f"{a.name}={a.default!r}" for a in cls.arguments)
+        lines.append(f"{cls.__name__}(num_heads=2, key_dim=8, {keywords})")
+        lines.append(f"reveal_type({cls.__name__}.__init__)")
+    script.write_text("\n".join(lines) + "\n")
+    package = os.path.dirname(os.path.dirname(inspect.getfile(AarenCell)))
+    sources = [os.path.join(package, "__init__.py")]
+    sources += glob.glob(os.path.join(package, "layers", "*.py"))
+    report, errors, status = api.run(
+        ["--follow-imports=skip", "--ignore-missing-imports", "--no-incremental", str(script)]
+        + sources
+    )
+    assert status == 0, report + errors
+    revealed = [line for line in report.splitlines() if "Revealed type" in line]
+    assert len(revealed) == len(CLASSES), report
+    for cls, line in zip(CLASSES, revealed):
+        for name in ("num_heads", "key_dim", *(a.name for a in cls.arguments)):
+            assert f" {name}: " in line, f"mypy does not see {cls.__name__}({name}=...)"
