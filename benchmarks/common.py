@@ -1,11 +1,14 @@
 """What the benchmark modules share: the contenders, their training step, the oracle check that
-refuses to report, timing in turns, process memory, the machine record, the JSON and the plots.
+refuses to report, timing in turns, process memory, the machine record, the JSON and the plots,
+and the models served one token per call (Aaren blocks, an LSTM stack, a KV-cache Transformer)
+with the loops that serve and time them.
 
 Shape letters: B batch, T timesteps, H heads, D value dimension.
 """
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -427,8 +430,128 @@ def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------
+# Serving one token per call
+
+
+def transformer_model(width, heads, depth):
+    """`depth` post-norm blocks of causal self-attention and a ReLU feed-forward network of
+    `4 * width`, the AarenBlock's layout, over `(B, T, width)`: the KV-cache Transformer's
+    whole-sequence form, which its step (`transformer_step_model`) must reproduce."""
+    inputs = keras.Input((None, width))
+    x = inputs
+    for i in range(depth):
+        attention = keras.layers.MultiHeadAttention(heads, width // heads, name=f"attention_{i}")
+        x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"attention_norm_{i}")(
+            x + attention(x, x, use_causal_mask=True)
+        )
+        hidden = keras.layers.Dense(4 * width, activation="relu", name=f"ffn_in_{i}")(x)
+        x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"ffn_norm_{i}")(
+            x + keras.layers.Dense(width, name=f"ffn_out_{i}")(hidden)
+        )
+    return keras.Model(inputs, x)
+
+
+class CachedAttention(keras.layers.Layer):
+    """One token's attention over the cached keys and values and its own, with the weights of
+    a trained `MultiHeadAttention`: `(x, keys, values) -> (attended, key, value)`, `x` of shape
+    `(B, width)`, the caches `(B, L, heads, dim)`, the token's key and value `(B, 1, heads, dim)`.
+    """
+
+    def __init__(self, attention, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = attention
+
+    def call(self, x, keys, values):
+        # The attention's variables by their last two path parts: "query/kernel", ...
+        weights = {"/".join(v.path.split("/")[-2:]): v for v in self.attention.weights}
+
+        def project(name, t):  # (B, width) -> (B, heads, dim)
+            kernel, bias = weights[f"{name}/kernel"], weights[f"{name}/bias"]
+            return ops.einsum("bw,whd->bhd", t, kernel) + bias
+
+        query, key, value = (project(n, x) for n in ("query", "key", "value"))
+        query = query / float(np.sqrt(query.shape[-1]))
+        # The token's own score is joined to the cached ones, not its key to the cache: the
+        # scores are `dim` times smaller than the keys, so no step copies the cache.
+        own = ops.sum(query * key, axis=-1, keepdims=True)  # (B, heads, 1)
+        scores = ops.concatenate([ops.einsum("bhd,blhd->bhl", query, keys), own], axis=-1)
+        scores = ops.softmax(scores, axis=-1)  # (B, heads, L + 1)
+        attended = ops.einsum("bhl,blhd->bhd", scores[..., :-1], values)
+        attended = attended + scores[..., -1:] * value
+        output = ops.einsum("bhd,hdw->bw", attended, weights["attention_output/kernel"])
+        return output + weights["attention_output/bias"], key[:, None], value[:, None]
+
+
+def transformer_step_model(model, cache_length, batch_size=1):
+    """The KV-cache step of `transformer_model`, the caches of `cache_length` entries (`None`:
+    any), with named inputs `x, keys_i, values_i` and outputs `y, new_keys_i, new_values_i`:
+    the token's own keys and values, which the caller appends to the caches."""
+    width = model.inputs[0].shape[-1]
+    attentions = [
+        layer for layer in model.layers if isinstance(layer, keras.layers.MultiHeadAttention)
+    ]
+    heads, dim = attentions[0].num_heads, attentions[0].key_dim
+    x = keras.Input(batch_shape=(batch_size, width), name="x")
+    inputs, outputs, h = [x], {}, x
+    for i, attention in enumerate(attentions):
+        cache = [
+            keras.Input(batch_shape=(batch_size, cache_length, heads, dim), name=f"{n}_{i}")
+            for n in ("keys", "values")
+        ]
+        inputs += cache
+        attended, outputs[f"new_keys_{i}"], outputs[f"new_values_{i}"] = CachedAttention(attention)(
+            h, *cache
+        )
+        h = model.get_layer(f"attention_norm_{i}")(h + attended)
+        hidden = model.get_layer(f"ffn_in_{i}")(h)
+        h = model.get_layer(f"ffn_norm_{i}")(h + model.get_layer(f"ffn_out_{i}")(hidden))
+    return keras.Model(inputs, {"y": h, **outputs}, name="kv_step")
+
+
+def kv_cache_step_function(model):
+    """`step(x, caches) -> (y, caches)` serving `transformer_model` one token per call, batch 1,
+    each call returning the caches grown by the token's keys and values.
+
+    The caches are `{"keys_i": (1, L, heads, dim), "values_i": ...}`, named as the inputs of
+    `transformer_step_model`; `step.initial_states()` gives empty ones. On TensorFlow the step
+    is a `tf.function` traced once for any cache length (without XLA: a program compiled per
+    shape would compile again at every token); elsewhere it calls the step model directly.
+    """
+    step_model = transformer_step_model(model, None)
+    token, *caches = step_model.inputs
+    names = [t.name for t in caches]
+
+    def run(x, *caches):
+        out = step_model({"x": x, **dict(zip(names, caches))})
+        grown = [ops.concatenate([c, out[f"new_{n}"]], axis=1) for n, c in zip(names, caches)]
+        return out["y"], grown
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        signature = [tf.TensorSpec(t.shape, t.dtype) for t in (token, *caches)]
+        run = tf.function(run, input_signature=signature).get_concrete_function()
+
+    def step(x, caches):
+        y, grown = run(ops.convert_to_tensor(x), *(caches[n] for n in names))
+        return y, dict(zip(names, grown))
+
+    step.initial_states = lambda: {
+        n: ops.zeros((1, 0, *t.shape[2:])) for n, t in zip(names, caches)
+    }
+    return step
+
+
 def sequence_model(kind, width, heads, depth):
-    """`depth` layers of `kind` (`"aaren"`: `AarenBlock`s; `"lstm"`) over `(B, T, width)`."""
+    """`depth` layers of `kind` over `(B, T, width)`: `"aaren"`, `AarenBlock`s; `"lstm"`,
+    `keras.layers.LSTM`s; `"transformer_kv"`, the blocks of `transformer_model`."""
+    if kind == "transformer_kv":
+        return transformer_model(width, heads, depth)
+    if kind not in ("aaren", "lstm"):
+        raise ValueError(
+            f"kind must be 'aaren', 'lstm' or 'transformer_kv'. Received: kind={kind!r}"
+        )
     layers = [keras.Input((None, width))]
     for _ in range(depth):
         if kind == "aaren":
@@ -436,3 +559,104 @@ def sequence_model(kind, width, heads, depth):
         else:
             layers.append(keras.layers.LSTM(width, return_sequences=True))
     return keras.Sequential(layers)
+
+
+def to_host(y):
+    """`y` as a NumPy array, fetched from the device (and waited for) unless it is one already."""
+    return y if isinstance(y, np.ndarray) else ops.convert_to_numpy(y)
+
+
+def state_bytes(states):
+    """The bytes of a stream's state: every tensor of `states` (a list or a dict)."""
+    return sum(
+        math.prod(s.shape) * np.dtype(keras.backend.standardize_dtype(s.dtype)).itemsize
+        for s in keras.tree.flatten(states)
+    )
+
+
+@dataclasses.dataclass
+class Stream:
+    """What serving a stream one token per call recorded (`serve`).
+
+    Attributes:
+        outputs: `(T, B, width)`, the output of every token.
+        latencies: `(T,)` seconds of every call, its output fetched.
+        kept: `{t: states}`, the states before the tokens at the positions asked for.
+        states: the states after the last token.
+        resident: `(T,)` the process's resident bytes after each token, or None.
+        state_bytes: `(T,)` the state's bytes after each token, or None.
+    """
+
+    outputs: np.ndarray
+    latencies: np.ndarray
+    kept: dict
+    states: object
+    resident: np.ndarray | None = None
+    state_bytes: np.ndarray | None = None
+
+
+def serve(step, states, xs, keep_at=(), record_memory=False):
+    """Serve the tokens `xs`, `(T, B, width)`, one per call from `states`, each call's output
+    fetched before the next token is sent.
+
+    Args:
+        step: `(x, states) -> (y, states)`, `x` of shape `(B, width)`: a step of
+            `keras_aaren.streaming.make_step_function`, `kv_cache_step_function` or an
+            exported runtime's.
+        states: the states the stream starts from.
+        xs: the tokens.
+        keep_at: the positions (0-based) before which the states are kept.
+        record_memory: whether to read the resident memory and the state's size after every
+            token (outside the timed call).
+
+    Returns:
+        A `Stream`.
+    """
+    count = len(xs)
+    latencies, kept, outputs = np.empty(count), {}, None
+    resident = np.empty(count) if record_memory else None
+    sizes = np.empty(count, "int64") if record_memory else None
+    for t, x in enumerate(xs):
+        if t in keep_at:
+            kept[t] = states
+        start = time.perf_counter()
+        y, states = step(x, states)
+        y = to_host(y)
+        latencies[t] = time.perf_counter() - start
+        if outputs is None:
+            outputs = np.empty((count, *y.shape), y.dtype)
+        # A copy: a runtime may hand back its own output buffer, rewritten at the next call.
+        outputs[t] = y
+        if record_memory:
+            resident[t] = status_bytes("VmRSS")
+            sizes[t] = state_bytes(states)
+    return Stream(outputs, latencies, kept, states, resident, sizes)
+
+
+def step_latencies(served, width, rounds, calls, seed=1):
+    """Seconds of every call of each served step, timed in turns: `{key: [seconds]}`.
+
+    Each of `rounds` rounds gives every key `calls` calls in a row, starting one key further
+    along than the last round (`in_turns`), and every call steps from the same kept states, so
+    that timing leaves each stream where it was and a late position is timed as late as it was
+    served.
+
+    Args:
+        served: `{key: (step, states)}`, `step` as for `serve`; the batch of a key's tokens is
+            its states' first dimension.
+        width: the tokens' width.
+        rounds: rounds of the timing.
+        calls: calls per key and round.
+        seed: seed of the random tokens.
+    """
+    batch = {key: keras.tree.flatten(states)[0].shape[0] for key, (_, states) in served.items()}
+    xs = np.random.default_rng(seed).normal(size=(calls, max(batch.values(), default=1), width))
+    xs = xs.astype("float32")
+    samples = {key: [] for key in served}
+    for key in in_turns(served, rounds):
+        step, states = served[key]
+        for x in xs[:, : batch[key]]:
+            start = time.perf_counter()
+            to_host(step(x, states)[0])
+            samples[key].append(time.perf_counter() - start)
+    return samples

@@ -14,7 +14,8 @@ state passed back in, in LiteRT's interpreter (`ai-edge-litert`, `num_threads=1`
 ONNX Runtime session (one intra-op and one inter-op thread).
 
 Beside them, `transformer_kv`: four post-norm blocks of causal `keras.layers.MultiHeadAttention`
-(the AarenBlock's layout) decoding with a KV cache. Its step takes the token and every block's
+(the AarenBlock's layout; `benchmarks.common.transformer_model`, the model `benchmarks.streaming`
+serves) decoding with a KV cache. Its step takes the token and every block's
 cached keys and values, and returns the output and the token's own keys and values, which the
 caller appends. LiteRT plans its memory for fixed shapes, so a step is exported (float32, with
 Keras' `model.export`) for each cache length timed: 15 entries for token 16, `--late - 1` for
@@ -41,18 +42,20 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
-import keras
 import numpy as np
 
 from benchmarks.common import (
-    in_turns,
+    kv_cache_step_function,
     machine,
     pyplot,
     refuse_if_wrong,
     require_backend,
     sequence_model,
+    serve,
+    step_latencies,
+    to_host,
+    transformer_step_model,
     write_json,
 )
 from keras_aaren.streaming import export_onnx, export_tflite
@@ -120,100 +123,18 @@ class OnnxStep:
         return y, dict(zip(states, new))
 
 
-def transformer_model(width, heads, depth):
-    """`depth` post-norm blocks of causal self-attention and a ReLU feed-forward network of
-    `4 * width`, the AarenBlock's layout, over `(B, T, width)`."""
-    inputs = keras.Input((None, width))
-    x = inputs
-    for i in range(depth):
-        attention = keras.layers.MultiHeadAttention(heads, width // heads, name=f"attention_{i}")
-        x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"attention_norm_{i}")(
-            x + attention(x, x, use_causal_mask=True)
-        )
-        hidden = keras.layers.Dense(4 * width, activation="relu", name=f"ffn_in_{i}")(x)
-        x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"ffn_norm_{i}")(
-            x + keras.layers.Dense(width, name=f"ffn_out_{i}")(hidden)
-        )
-    return keras.Model(inputs, x)
-
-
-class CachedAttention(keras.layers.Layer):
-    """One token's attention over the cached keys and values and its own, with the weights of
-    a trained `MultiHeadAttention`: `(x, keys, values) -> (attended, key, value)`, `x` of shape
-    `(B, width)`, the caches `(B, L, heads, dim)`, the token's key and value `(B, 1, heads, dim)`.
-    """
-
-    def __init__(self, attention, **kwargs):
-        super().__init__(**kwargs)
-        self.attention = attention
-
-    def call(self, x, keys, values):
-        # The attention's variables by their last two path parts: "query/kernel", ...
-        weights = {"/".join(v.path.split("/")[-2:]): v for v in self.attention.weights}
-        ops = keras.ops
-
-        def project(name, t):  # (B, width) -> (B, heads, dim)
-            kernel, bias = weights[f"{name}/kernel"], weights[f"{name}/bias"]
-            return ops.einsum("bw,whd->bhd", t, kernel) + bias
-
-        query, key, value = (project(n, x) for n in ("query", "key", "value"))
-        keys = ops.concatenate([keys, key[:, None]], axis=1)  # (B, L + 1, heads, dim)
-        values = ops.concatenate([values, value[:, None]], axis=1)
-        scale = 1.0 / float(np.sqrt(query.shape[-1]))
-        scores = ops.softmax(ops.einsum("bhd,blhd->bhl", query * scale, keys), axis=-1)
-        attended = ops.einsum("bhl,blhd->bhd", scores, values)
-        output = ops.einsum("bhd,hdw->bw", attended, weights["attention_output/kernel"])
-        return output + weights["attention_output/bias"], key[:, None], value[:, None]
-
-
-def transformer_step_model(model, cache_length, batch_size=1):
-    """The KV-cache step of `transformer_model`, the caches of `cache_length` entries (`None`:
-    any), with named inputs `x, keys_i, values_i` and outputs `y, new_keys_i, new_values_i`."""
-    width = model.inputs[0].shape[-1]
-    attentions = [
-        layer for layer in model.layers if isinstance(layer, keras.layers.MultiHeadAttention)
-    ]
-    heads, dim = attentions[0].num_heads, attentions[0].key_dim
-    x = keras.Input(batch_shape=(batch_size, width), name="x")
-    inputs, outputs, h = [x], {}, x
-    for i, attention in enumerate(attentions):
-        cache = [
-            keras.Input(batch_shape=(batch_size, cache_length, heads, dim), name=f"{n}_{i}")
-            for n in ("keys", "values")
-        ]
-        inputs += cache
-        attended, outputs[f"new_keys_{i}"], outputs[f"new_values_{i}"] = CachedAttention(attention)(
-            h, *cache
-        )
-        h = model.get_layer(f"attention_norm_{i}")(h + attended)
-        hidden = model.get_layer(f"ffn_in_{i}")(h)
-        h = model.get_layer(f"ffn_norm_{i}")(h + model.get_layer(f"ffn_out_{i}")(hidden))
-    return keras.Model(inputs, {"y": h, **outputs}, name="kv_step")
-
-
-def transformer_errors(model, check, folder, cache_length, seed=2):
+def transformer_errors(model, check, folder, cache_length):
     """How far the KV-cache steps are from the causal model over `check` `(1, T, width)`: in
     Keras over every token, and from the exported LiteRT and ONNX files (caches of
     `cache_length`) at token `cache_length + 1`, caches from the Keras steps."""
-    expected = keras.ops.convert_to_numpy(model(check))[0]
-    step = transformer_step_model(model, None)
-    names = [t.name for t in step.inputs[1:]]
-    heads, dim = step.inputs[1].shape[2:]
-    caches = {n: np.zeros((1, 0, heads, dim), "float32") for n in names}
-    outputs, at = [], {}
-    for t, token in enumerate(check[0]):
-        if t == cache_length:
-            at = {"x": token[None], **caches}
-        result = step({"x": token[None], **caches})
-        outputs.append(keras.ops.convert_to_numpy(result["y"])[0])
-        for n in names:
-            caches[n] = np.concatenate(
-                [caches[n], keras.ops.convert_to_numpy(result[f"new_{n}"])], 1
-            )
-    errors = {"transformer_kv/keras_steps": float(np.abs(np.stack(outputs) - expected).max())}
+    expected = to_host(model(check))[0]
+    step = kv_cache_step_function(model)
+    stepped = serve(step, step.initial_states(), check[0][:, None], keep_at={cache_length})
+    errors = {"transformer_kv/keras_steps": float(np.abs(stepped.outputs[:, 0] - expected).max())}
+    caches = {n: to_host(c) for n, c in stepped.kept[cache_length].items()}
     for runtime in ("litert", "onnxruntime"):
         _, runner = export_transformer(model, runtime, folder, cache_length)
-        y, _ = runner(at["x"], {n: at[n] for n in names})
+        y, _ = runner(check[0, cache_length][None], caches)
         name = f"transformer_kv/{variant_name(runtime, None)}"
         errors[name] = float(np.abs(y[0] - expected[cache_length]).max())
     return errors
@@ -253,51 +174,7 @@ def zero_states(step):
     return {name: np.zeros(shape, "float32") for name, shape in step.shapes.items()}
 
 
-def replay(step, xs):
-    """The step's outputs over `xs` `(T, 1, width)` from zero states, `(T, width)`."""
-    states, outputs = zero_states(step), []
-    for x in xs:
-        y, states = step(x, states)
-        outputs.append(y[0])
-    return np.stack(outputs)
-
-
-def stream(step, xs, keep_at, reference=None):
-    """Serve `xs` from zero states: the states kept before the positions `keep_at` (0-based),
-    the largest |y|, the largest |y - reference| at the same tokens, and whether everything
-    stayed finite."""
-    states, kept = zero_states(step), {}
-    largest, distance, finite = 0.0, 0.0, True
-    outputs = None if reference is not None else np.empty((len(xs), xs.shape[-1]), "float32")
-    for t, x in enumerate(xs):
-        if t in keep_at:
-            kept[t] = dict(states)
-        y, states = step(x, states)
-        finite = finite and bool(np.isfinite(y).all())
-        largest = max(largest, float(np.abs(y).max()))
-        if reference is None:
-            outputs[t] = y[0]
-        else:
-            distance = max(distance, float(np.abs(y[0] - reference[t]).max()))
-    finite = finite and all(np.isfinite(s).all() for s in states.values())
-    return kept, largest, distance, finite, outputs
-
-
-def latencies_at(served, width, rounds, calls, seed=1):
-    """Seconds per token of each (variant, position) in `served`, `{(name, where): (step,
-    states)}`, timed in turns, every call from the same kept states."""
-    xs = np.random.default_rng(seed).normal(size=(calls, 1, width)).astype("float32")
-    samples = {key: [] for key in served}
-    for key in in_turns(served, rounds):
-        step, saved = served[key]
-        for x in xs:
-            start = time.perf_counter()
-            step(x, saved)
-            samples[key].append(time.perf_counter() - start)
-    return samples
-
-
-def throughputs(models, streams, folder, width, rounds, calls, seed=3):
+def throughputs(models, streams, folder, width, rounds, calls):
     """Tokens per second of each model's LiteRT float32 step serving `streams` concurrent
     streams (a batch of that many): `{kind: {streams: tokens per second}}`, from the median
     seconds per call timed in turns."""
@@ -307,18 +184,11 @@ def throughputs(models, streams, folder, width, rounds, calls, seed=3):
             path = os.path.join(folder, f"{kind}_streams{count}.tflite")
             step = LiteRTStep(export_tflite(model, path, count))
             served[kind, count] = (step, zero_states(step))
-    xs = np.random.default_rng(seed).normal(size=(calls, max(streams), width)).astype("float32")
-    samples = {key: [] for key in served}
-    for key in in_turns(served, rounds):
-        (step, states), count = served[key], key[1]
-        for x in xs:
-            start = time.perf_counter()
-            step(x[:count], states)
-            samples[key].append(time.perf_counter() - start)
-    result = {kind: {} for kind in models}
-    for (kind, count), times in samples.items():
-        result[kind][count] = count / statistics.median(times)
-    return result
+    samples = step_latencies(served, width, rounds, calls, seed=3)
+    return {
+        kind: {count: count / statistics.median(samples[kind, count]) for count in streams}
+        for kind in models
+    }
 
 
 def plot(results, throughput, late, path):
@@ -399,32 +269,33 @@ def main(argv=None):
     folder = holder.name
     for kind in (k for k in args.kinds if k != "transformer_kv"):
         model = models[kind] = sequence_model(kind, args.width, args.heads, args.depth)
-        expected = keras.ops.convert_to_numpy(model(check))[0]
+        expected = to_host(model(check))[0]
         reference = None
         for runtime, quantization in VARIANTS:
             name = f"{kind}/{variant_name(runtime, quantization)}"
             path, step = export(model, kind, runtime, quantization, folder, calibration)
             if quantization is None:
-                errors[name] = float(np.abs(replay(step, check[0][:, None]) - expected).max())
-            kept, largest, distance, finite, outputs = stream(
-                step, xs, set(positions.values()), reference
-            )
+                replayed = serve(step, zero_states(step), check[0][:, None]).outputs[:, 0]
+                errors[name] = float(np.abs(replayed - expected).max())
+            run = serve(step, zero_states(step), xs, set(positions.values()))
+            outputs = run.outputs[:, 0]
             if reference is None:
                 reference = outputs
-            if not finite:
+            finite = np.isfinite(outputs).all()
+            if not (finite and all(np.isfinite(s).all() for s in run.states.values())):
                 infinite.append(name)
             for where, t in positions.items():
-                served[name, where] = (step, kept[t])
+                served[name, where] = (step, run.kept[t])
             state_bytes = sum(4 * int(np.prod(s)) for s in step.shapes.values())
             results[name] = {
                 "file_bytes": os.path.getsize(path),
                 **{f"state_bytes_at_{t + 1}": state_bytes for t in positions.values()},
-                "max_abs_y": largest,
-                "max_abs_y_minus_float32": distance,
+                "max_abs_y": float(np.abs(outputs).max()),
+                "max_abs_y_minus_float32": float(np.abs(outputs - reference).max()),
             }
             print(f"{name}: exported and streamed {args.tokens} tokens", flush=True)
     if "transformer_kv" in args.kinds:
-        model = transformer_model(args.width, args.heads, args.depth)
+        model = sequence_model("transformer_kv", args.width, args.heads, args.depth)
         errors.update(transformer_errors(model, check, folder, START - 1))
         for runtime in ("litert", "onnxruntime"):
             name = f"transformer_kv/{variant_name(runtime, None)}"
@@ -446,7 +317,7 @@ def main(argv=None):
     if infinite:
         return 1
 
-    samples = latencies_at(served, args.width, args.rounds, args.window)
+    samples = step_latencies(served, args.width, args.rounds, args.window)
     for name, row in results.items():
         for where, token in (("start", START), ("late", args.late)):
             times = samples[name, where]

@@ -12,10 +12,12 @@ Three models of the same width and depth serve one stream, a token per call, eac
 * `aaren`: four `AarenBlock`s, served by `keras_aaren.streaming.make_step_function`; the state
   is a fixed set of tensors;
 * `lstm`: four `keras.layers.LSTM` layers, served the same way;
-* `transformer_kv`: four post-norm causal self-attention blocks (the AarenBlock's layout, with
-  an input-dependent query) decoding with a KV cache: each token appends its keys and values and
-  attends over all of them, so its cost grows with the position. It stays a plain `tf.function`
-  with `--xla` too: its reads grow by one entry per token, a shape XLA would recompile for.
+* `transformer_kv`: four post-norm blocks of causal `keras.layers.MultiHeadAttention` (the
+  AarenBlock's layout, with an input-dependent query; `benchmarks.common.transformer_model`, the
+  model `benchmarks.edge` exports) decoding with a KV cache: each call takes the cache, attends
+  over it and the token, and returns it grown by the token's keys and values, so its cost grows
+  with the position. It stays a plain `tf.function` with `--xla` too: its cache grows by one
+  entry per token, a shape XLA would compile again for.
 
 Reported per model: the median per-token latency at token 16 and at the last token, the state
 (or cache) in bytes, and the process's resident memory as the stream goes. The latencies are
@@ -35,206 +37,53 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
-import keras
 import numpy as np
 
 from benchmarks.common import (
-    in_turns,
+    kv_cache_step_function,
     machine,
     pyplot,
     refuse_if_wrong,
     require_backend,
     sequence_model,
-    status_bytes,
+    serve,
+    step_latencies,
+    to_host,
     write_json,
 )
 from keras_aaren.streaming import make_step_function
 
 # The token (counted from 1) whose latency stands for the start of the stream.
 START = 16
-# The Keras models served through a step function, by name.
-KERAS_MODELS = ("aaren", "lstm")
+# The models served, by name: the first two through `step_function`, the last with its cache.
+KINDS = ("aaren", "lstm", "transformer_kv")
 
 
-class KerasStream:
-    """A Keras model served one token per call through `make_step_function`."""
-
-    def __init__(self, model, jit_compile=None, step_function=make_step_function):
-        self.step = step_function(model, batch_size=1, jit_compile=jit_compile)
-        self.reset()
-
-    def reset(self):
-        self.states = self.step.initial_states()
-
-    def state_bytes(self, tokens):
-        return sum(keras.ops.convert_to_numpy(s).nbytes for s in self.states)
-
-    def __call__(self, x):
-        y, self.states = self.step(x, self.states)
-        return keras.ops.convert_to_numpy(y)
-
-    def snapshot(self):
-        return list(self.states)
-
-    def time_from(self, snapshot, x):
-        """Seconds for one token from a saved state, leaving the stream's state alone."""
-        start = time.perf_counter()
-        y, _ = self.step(x, snapshot)
-        keras.ops.convert_to_numpy(y)
-        return time.perf_counter() - start
-
-
-class KVCacheTransformer:
-    """Causal self-attention blocks decoding one token at a time with a key/value cache."""
-
-    def __init__(self, width, heads, depth, capacity, seed=0):
-        import tensorflow as tf
-
-        self.width, self.heads, self.depth = width, heads, depth
-        rng = np.random.default_rng(seed)
-
-        def weight(*shape):
-            return tf.constant(rng.normal(size=shape) / np.sqrt(shape[0]), tf.float32)
-
-        self.blocks = [
-            {
-                "qkv": weight(width, 3 * width),
-                "out": weight(width, width),
-                "ffn_in": weight(width, 4 * width),
-                "ffn_out": weight(4 * width, width),
-            }
-            for _ in range(depth)
-        ]
-        # The cache is allocated once at its capacity; a token at position t reads only the
-        # first t + 1 entries, as a growing cache would. One variable per layer and per keys or
-        # values: a write into a variable that a pending read still aliases copies all of it.
-        self.cache = [
-            [tf.Variable(tf.zeros((capacity, heads, width // heads))) for _ in range(2)]
-            for _ in range(depth)
-        ]
-        self.position = tf.Variable(0)
-        self.step = tf.function(self._step)
-
-    def __call__(self, x):
-        return self.step(x).numpy()
-
-    def reset(self):
-        import tensorflow as tf
-
-        for variable in (v for layer in self.cache for v in layer):
-            variable.assign(tf.zeros_like(variable))
-        self.position.assign(0)
-
-    def state_bytes(self, tokens):
-        return 2 * self.depth * tokens * self.width * 4
-
-    def snapshot(self):
-        return int(self.position.numpy())
-
-    def time_from(self, snapshot, x):
-        """Seconds for the token at position `snapshot`: it reads that many cached entries."""
-        # The cache past the position is never read, so rewinding the position is enough; the
-        # write at the position only rewrites an entry of the stream that was served.
-        self.position.assign(snapshot)
-        start = time.perf_counter()
-        self.step(x).numpy()
-        return time.perf_counter() - start
-
-    def parallel(self, x):
-        """The blocks over a whole `(T, width)` sequence at once, with a causal mask."""
-        import tensorflow as tf
-
-        heads, dim = self.heads, self.width // self.heads
-        steps = tf.shape(x)[0]
-        causal = tf.linalg.band_part(tf.ones((steps, steps), tf.bool), -1, 0)  # (T, T)
-        for block in self.blocks:
-            q, k, v = (
-                tf.reshape(t, (steps, heads, dim))
-                for t in tf.split(tf.matmul(x, block["qkv"]), 3, axis=-1)
-            )
-            logits = tf.einsum("shd,thd->hst", q, k) / dim**0.5
-            logits = tf.where(causal, logits, tf.float32.min)
-            attended = tf.einsum("hst,thd->shd", tf.nn.softmax(logits, axis=-1), v)
-            x = _layer_norm(x + tf.matmul(tf.reshape(attended, (steps, -1)), block["out"]))
-            ffn = tf.matmul(tf.nn.relu(tf.matmul(x, block["ffn_in"])), block["ffn_out"])
-            x = _layer_norm(x + ffn)
-        return x
-
-    def _step(self, x):
-        import tensorflow as tf
-
-        heads, dim = self.heads, self.width // self.heads
-        t = self.position
-        for i, block in enumerate(self.blocks):
-            q, k, v = tf.split(tf.matmul(x, block["qkv"]), 3, axis=-1)
-            key_cache, value_cache = self.cache[i]
-            key_cache[t].assign(tf.reshape(k, (heads, dim)))
-            value_cache[t].assign(tf.reshape(v, (heads, dim)))
-            keys = key_cache[: t + 1]  # (t + 1, H, D)
-            values = value_cache[: t + 1]
-            logits = tf.einsum("hd,thd->ht", tf.reshape(q, (heads, dim)), keys) / dim**0.5
-            attended = tf.einsum("ht,thd->hd", tf.nn.softmax(logits, axis=-1), values)
-            x = _layer_norm(x + tf.matmul(tf.reshape(attended, (1, -1)), block["out"]))
-            ffn = tf.matmul(tf.nn.relu(tf.matmul(x, block["ffn_in"])), block["ffn_out"])
-            x = _layer_norm(x + ffn)
-        self.position.assign_add(1)
-        return x
-
-
-def _layer_norm(x):
-    import tensorflow as tf
-
-    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
-    return (x - mean) * tf.math.rsqrt(variance + 1e-5)
+def served_step(kind, model, step_function, jit_compile=None):
+    """`(step, initial states)` serving `model` one token per call, batch 1."""
+    if kind == "transformer_kv":
+        step = kv_cache_step_function(model)
+    else:
+        step = step_function(model, batch_size=1, jit_compile=jit_compile)
+    return step, step.initial_states()
 
 
 def stepping_errors(width, heads, step_function=make_step_function, tokens=40):
     """How far stepping each model one token at a time is from running it over the whole
     sequence at once, on `tokens` random tokens: `{name: max absolute difference}`.
 
-    The Keras models (two layers each) are stepped through `step_function`; the KV-cache
-    Transformer is compared with its own causal attention over the sequence, same weights.
+    The models have two layers each; the Keras models are stepped through `step_function`, the
+    KV-cache Transformer through its cache.
     """
     x = np.random.default_rng(0).normal(size=(1, tokens, width)).astype("float32")
     errors = {}
-    for kind in KERAS_MODELS:
+    for kind in KINDS:
         model = sequence_model(kind, width, heads, depth=2)
-        run = KerasStream(model, step_function=step_function)
-        stepped = np.stack([run(x[:, t]) for t in range(tokens)], axis=1)
-        errors[kind] = float(np.abs(stepped - keras.ops.convert_to_numpy(model(x))).max())
-    transformer = KVCacheTransformer(width, heads, depth=2, capacity=tokens)
-    stepped = np.concatenate([transformer(x[:, t]) for t in range(tokens)])
-    errors["transformer_kv"] = float(np.abs(stepped - transformer.parallel(x[0]).numpy()).max())
+        stepped = serve(*served_step(kind, model, step_function), x.swapaxes(0, 1)).outputs
+        whole = to_host(model(x))
+        errors[kind] = float(np.abs(stepped.swapaxes(0, 1) - whole).max())
     return errors
-
-
-def stream(run, tokens, width, keep_at, seed=0):
-    """Per-token latency (s) and resident memory (bytes) while serving `tokens` tokens, and the
-    runner's snapshots before the tokens at the positions `keep_at` (0-based)."""
-    xs = np.random.default_rng(seed).normal(size=(tokens, 1, width)).astype("float32")
-    latencies, resident = np.empty(tokens), np.empty(tokens)
-    kept = {}
-    for t in range(tokens):
-        if t in keep_at:
-            kept[t] = run.snapshot()
-        start = time.perf_counter()
-        run(xs[t])
-        latencies[t] = time.perf_counter() - start
-        resident[t] = status_bytes("VmRSS")
-    return latencies, resident, kept
-
-
-def latencies_at(runners, snapshots, width, rounds, calls, seed=1):
-    """Median seconds per token of each (runner, position), timed in turns from saved states."""
-    xs = np.random.default_rng(seed).normal(size=(calls, 1, width)).astype("float32")
-    keys = [(name, where) for name in runners for where in snapshots[name]]
-    samples = {key: [] for key in keys}
-    for name, where in in_turns(keys, rounds):
-        run, saved = runners[name], snapshots[name][where]
-        samples[name, where] += [run.time_from(saved, x) for x in xs]
-    return {key: statistics.median(times) for key, times in samples.items()}
 
 
 def main(argv=None, step_function=make_step_function):
@@ -262,44 +111,36 @@ def main(argv=None, step_function=make_step_function):
             parser.error(f"--{name} must be at least 1. Received: {getattr(args, name)}")
     if args.tokens <= START:
         parser.error(f"--tokens must be more than {START}. Received: {args.tokens}")
-    # Its KV-cache Transformer is written in TensorFlow.
+    # Only a tf.function steps the KV cache compiled once for every length; a jax.jit would
+    # compile again at every token.
     require_backend(parser, "streaming", ("tensorflow",))
     errors = stepping_errors(args.width, args.heads, step_function)
     if refuse_if_wrong(errors, "its whole-sequence run when stepped"):
         return 1
 
-    runners = {
-        kind: KerasStream(
-            sequence_model(kind, args.width, args.heads, args.depth),
-            jit_compile=args.xla or None,
-            step_function=step_function,
-        )
-        for kind in KERAS_MODELS
-    }
-    runners["transformer_kv"] = KVCacheTransformer(
-        args.width, args.heads, args.depth, capacity=args.tokens
-    )
-
     # The states before token START and before the last token, as 0-based positions.
     positions = {"start": START - 1, "end": args.tokens - 1}
-    results, snapshots = {}, {}
-    for name, run in runners.items():
-        for _ in range(3):
-            run(np.zeros((1, args.width), "float32"))
-        run.reset()
-        latencies, resident, kept = stream(run, args.tokens, args.width, positions.values())
-        snapshots[name] = {where: kept[t] for where, t in positions.items()}
-        results[name] = {
-            "state_bytes_start": run.state_bytes(START),
-            "state_bytes_end": run.state_bytes(args.tokens),
-            "resident_mb_start": resident[START - 1] / 2**20,
-            "resident_mb_end": resident[-1] / 2**20,
-            "cumulative_s": np.cumsum(latencies).tolist(),
+    xs = np.random.default_rng(0).normal(size=(args.tokens, 1, args.width)).astype("float32")
+    results, served = {}, {}
+    for kind in KINDS:
+        model = sequence_model(kind, args.width, args.heads, args.depth)
+        step, states = served_step(kind, model, step_function, args.xla or None)
+        serve(step, states, xs[:3])  # traced and compiled before the stream
+        run = serve(step, states, xs, set(positions.values()), record_memory=True)
+        for where, t in positions.items():
+            served[kind, where] = (step, run.kept[t])
+        results[kind] = {
+            "state_bytes_start": int(run.state_bytes[START - 1]),
+            "state_bytes_end": int(run.state_bytes[-1]),
+            "resident_mb_start": run.resident[START - 1] / 2**20,
+            "resident_mb_end": run.resident[-1] / 2**20,
+            "cumulative_s": np.cumsum(run.latencies).tolist(),
+            "state_bytes": run.state_bytes.tolist(),
         }
-    medians = latencies_at(runners, snapshots, args.width, args.rounds, args.window)
+    samples = step_latencies(served, args.width, args.rounds, args.window)
     for name, row in results.items():
-        row["p50_start_ms"] = 1000 * medians[name, "start"]
-        row["p50_end_ms"] = 1000 * medians[name, "end"]
+        row["p50_start_ms"] = 1000 * statistics.median(samples[name, "start"])
+        row["p50_end_ms"] = 1000 * statistics.median(samples[name, "end"])
         print(
             f"{name:15s} p50 at token {START}: {row['p50_start_ms']:6.3f} ms, at token "
             f"{args.tokens}: {row['p50_end_ms']:6.3f} ms "
@@ -318,18 +159,17 @@ def main(argv=None, step_function=make_step_function):
         "results": results,
     }
     write_json(record, args.output_dir, "streaming.json")
-    plot(results, runners, args, os.path.join(args.output_dir, "streaming.png"))
+    plot(results, args, os.path.join(args.output_dir, "streaming.png"))
     print(f"wrote {args.output_dir}/streaming.json and streaming.png")
     return 0
 
 
-def plot(results, runners, args, path):
+def plot(results, args, path):
     plt = pyplot()
     tokens = np.arange(1, args.tokens + 1)
     fig, (memory, elapsed) = plt.subplots(1, 2, figsize=(10, 4))
     for name, row in results.items():
-        sizes = [runners[name].state_bytes(t) for t in tokens]
-        memory.plot(tokens, np.asarray(sizes) / 2**10, label=name)
+        memory.plot(tokens, np.asarray(row["state_bytes"]) / 2**10, label=name)
         elapsed.plot(tokens, row["cumulative_s"], label=name)
     memory.set_xlabel("tokens")
     memory.set_ylabel("state / KV cache (KiB)")

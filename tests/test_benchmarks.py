@@ -235,22 +235,44 @@ def test_streaming_benchmark_refuses_a_step_that_misses_the_whole_sequence(tmp_p
     assert not (tmp_path / "streaming.json").exists()
 
 
-@tensorflow_only
-def test_streaming_timing_leaves_the_stream_alone():
-    def values(states):
-        return [keras.ops.convert_to_numpy(s) for s in states]
+def test_step_latencies_time_every_key_in_turns_from_its_kept_states():
+    calls = []
 
-    run = streaming.KerasStream(common.sequence_model("aaren", 8, 2, 1))
-    xs = np.random.default_rng(0).normal(size=(3, 1, 8)).astype("float32")
-    run(xs[0])
-    saved = run.snapshot()
-    saved_values = values(saved)
-    run(xs[1])
-    after = values(run.states)
-    assert run.time_from(saved, xs[2]) > 0
-    # Timing a step from a saved state neither moves the stream nor changes what was saved.
-    for got, expected in zip(values(run.states) + values(saved), after + saved_values):
-        np.testing.assert_array_equal(got, expected)
+    def step(name):
+        def run(x, states):
+            calls.append((name, x.shape, states))
+            return np.zeros_like(x), {"s": states["s"] + 1}
+
+        return run
+
+    served = {"a": (step("a"), {"s": np.zeros((1, 3))}), "b": (step("b"), {"s": np.ones((4, 3))})}
+    samples = common.step_latencies(served, width=5, rounds=2, calls=3)
+    assert {key: len(times) for key, times in samples.items()} == {"a": 6, "b": 6}
+    # Round one starts with "a", round two with "b"; every call is from the kept states, with a
+    # batch of the states' first dimension.
+    assert [name for name, _, _ in calls] == list("aaabbbbbbaaa")
+    for name, shape, states in calls:
+        assert states is served[name][1] and shape == ({"a": 1, "b": 4}[name], 5)
+    np.testing.assert_array_equal(served["a"][1]["s"], np.zeros((1, 3)))
+
+
+@measured_backend
+def test_kv_cache_step_reproduces_the_causal_model_and_grows_its_cache():
+    model = common.sequence_model("transformer_kv", 8, 2, 2)
+    step = common.kv_cache_step_function(model)
+    x = np.random.default_rng(0).normal(size=(1, 6, 8)).astype("float32")
+    run = common.serve(step, step.initial_states(), x.swapaxes(0, 1), {0, 4}, record_memory=True)
+    expected = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(run.outputs.swapaxes(0, 1), expected, atol=1e-5)
+    # Two blocks of keys and values, 8 float32 numbers per token each.
+    assert run.state_bytes.tolist() == [4 * 8 * 4 * t for t in range(1, 7)]
+    assert [common.state_bytes(run.kept[t]) for t in (0, 4)] == [0, 4 * 8 * 4 * 4]
+    assert (run.resident > 0).all() and (run.latencies > 0).all()
+
+
+def test_sequence_model_names_the_kind_it_refuses():
+    with pytest.raises(ValueError, match="Received: kind='gru'"):
+        common.sequence_model("gru", 8, 2, 1)
 
 
 MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associative"
