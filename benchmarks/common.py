@@ -186,15 +186,16 @@ def oracle_error(contenders, seed=0):
     return errors
 
 
-def refuse_if_wrong(errors, what="the oracle"):
+def refuse_if_wrong(errors, what="the oracle", tolerance=ORACLE_TOLERANCE):
     """Print why a benchmark refuses to report and return True if any error exceeds
-    `ORACLE_TOLERANCE`; return False otherwise.
+    `tolerance`; return False otherwise.
 
     Args:
         errors: `{name: max absolute error}` against `what`.
         what: what the errors were measured against, for the message.
+        tolerance: the largest error accepted.
     """
-    wrong = {name: error for name, error in errors.items() if not error <= ORACLE_TOLERANCE}
+    wrong = {name: error for name, error in errors.items() if not error <= tolerance}
     for name, error in wrong.items():
         print(f"{name} does not match {what} (max error {error:.2e}): not reporting.")
     return bool(wrong)

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from benchmarks import common, layers, memory, scan, streaming
+from benchmarks import common, layers, lengths, memory, scan, streaming
 from keras_aaren.ops import aaren_attention_naive
 from keras_aaren.streaming import make_step_function
 
@@ -291,6 +291,9 @@ MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associ
         ("streaming", ["--window", "0"], "--window must be at least 1. Received: 0"),
         ("streaming", ["--rounds", "0"], "--rounds must be at least 1. Received: 0"),
         ("streaming", ["--tokens", "16"], "--tokens must be more than 16. Received: 16"),
+        ("lengths", ["--lengths", "1"], "--lengths must be at least 2. Received: 1"),
+        ("lengths", ["--shortest", "0"], "--shortest must be at least 1. Received: 0"),
+        ("lengths", ["--lengths", "3", "--warmup", "3"], "Received: --warmup 3 with --lengths 3"),
     ],
     ids=[
         "layers-repeats-0",
@@ -303,6 +306,9 @@ MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associ
         "streaming-window-0",
         "streaming-rounds-0",
         "streaming-tokens-16",
+        "lengths-lengths-1",
+        "lengths-shortest-0",
+        "lengths-warmup-all",
     ],
 )
 def test_benchmark_arguments_are_checked(module, args, message, capsys):
@@ -348,3 +354,68 @@ def test_edge_benchmark_smoke(tmp_path):
     streams = record["throughput_tokens_per_s"]["aaren"]
     assert set(streams) == {"1", "4"} and all(rate > 0 for rate in streams.values())
     assert (tmp_path / "edge.png").stat().st_size > 0
+
+
+LENGTH_FIGURES = {
+    "resident_mib_after_warmup",
+    "resident_mib_end",
+    "growth_mib_after_warmup",
+    "median_ms_per_new_length",
+}
+
+
+@measured_backend
+def test_lengths_benchmark_smoke(tmp_path):
+    # One scenario: every contender's child process imports the backend afresh, which is most
+    # of the time this takes.
+    argv = ["--lengths", "3", "--scenarios", "predict", "--output-dir", str(tmp_path)]
+    assert lengths.main(argv) == 0
+    record = json.loads((tmp_path / "lengths.json").read_text())
+    protocol = record["protocol"]
+    # Fewer than 200 lengths: the growth is measured after the first half of them.
+    assert protocol["warmup"] == 1 and sorted(protocol["order"]) == [10, 11, 12]
+    assert max(protocol["stepping_errors"].values()) <= 1e-5
+    assert set(record["results"]) == {"predict"}
+    assert set(record["results"]["predict"]) == {"aaren", "lstm"}
+    for contender, row in record["results"]["predict"].items():
+        assert set(row) == LENGTH_FIGURES and row["median_ms_per_new_length"] > 0
+        calls = record["calls"]["predict"][contender]
+        assert len(calls["seconds"]) == len(calls["resident_bytes"]) == 3
+    targets = record["targets"]
+    assert set(targets) == {"predict_growth_minus_lstm_mib", "predict_time_over_lstm"}
+    assert (
+        targets["predict_growth_minus_lstm_mib"]["limit"] == {"tensorflow": 50, "jax": 0}[BACKEND]
+    )
+    assert (tmp_path / "lengths.png").stat().st_size > 0
+
+
+@measured_backend
+def test_lengths_benchmark_calls_the_layer_directly_in_the_eager_scenario():
+    record = lengths.measure("eager", "aaren", [12, 10, 11], seed=0)
+    assert len(record["seconds"]) == len(record["resident_bytes"]) == 3
+    row = lengths.summarise(record, warmup=1)
+    assert set(row) == LENGTH_FIGURES and row["median_ms_per_new_length"] > 0
+
+
+def test_lengths_targets_compare_aaren_with_the_lstm_of_the_same_run():
+    def row(growth, ms):
+        return {"growth_mib_after_warmup": growth, "median_ms_per_new_length": ms}
+
+    results = {
+        "predict": {"aaren": row(30.0, 3.0), "lstm": row(10.0, 2.5)},
+        "eager": {"aaren": row(150.0, 1.0), "lstm": row(10.0, 1.0)},
+    }
+    found = lengths.targets(results, "tensorflow")
+    assert found["predict_growth_minus_lstm_mib"] == {"value": 20.0, "limit": 50.0, "met": True}
+    assert found["predict_time_over_lstm"] == {"value": 1.2, "limit": 1.5, "met": True}
+    assert found["eager_growth_minus_lstm_mib"] == {"value": 140.0, "limit": 100.0, "met": False}
+    # On JAX Aaren's predict may grow no more than the LSTM's.
+    assert not lengths.targets(results, "jax")["predict_growth_minus_lstm_mib"]["met"]
+
+
+@measured_backend
+def test_lengths_benchmark_refuses_an_aaren_off_its_stepped_cell(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lengths, "stepping_errors", lambda seed: {"aaren/predict": 1e-3})
+    assert lengths.main(["--lengths", "3", "--output-dir", str(tmp_path)]) == 1
+    assert "aaren/predict does not match keras.layers.RNN" in capsys.readouterr().out
+    assert not (tmp_path / "lengths.json").exists()
