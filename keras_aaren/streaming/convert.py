@@ -1,10 +1,14 @@
 """The rewrite of a trained model into streaming forms: a stateful copy, and a one-token step.
 
 `to_streaming` copies the model with every recurrent layer made stateful, for chunks of any
-length; `make_step_model` rebuilds its graph for one token with every recurrent layer's state as
-an explicit input and output, and `make_step_function` compiles that step once for its fixed
-shapes. Both first check that the model can stream at all (see `keras_aaren.streaming`).
+length. `make_step_model` replays the model's layer graph on one token, calling each recurrent
+layer's cell once with that layer's states as explicit inputs and outputs, and sharing every
+layer, so every weight, with the model; `make_step_function` compiles that step once for its
+fixed shapes, and the exports of `keras_aaren.streaming.export` write it out. Both forms first
+check that the model can stream at all (see `keras_aaren.streaming`).
 """
+
+import functools
 
 import keras
 import numpy as np
@@ -21,16 +25,6 @@ def _check_streamable(model):
 
 def _check_batch_size(batch_size):
     check_positive_int("batch_size", batch_size)
-
-
-def _clone_with(config_changes):
-    def clone(layer):
-        config = layer.get_config()
-        if isinstance(layer, keras.layers.RNN):
-            config.update(config_changes)
-        return layer.__class__.from_config(config)
-
-    return clone
 
 
 def to_streaming(model, batch_size):
@@ -78,17 +72,80 @@ def _stateful_copy(model, batch_size):
         dtype=model.inputs[0].dtype,
         name=model.inputs[0].name,
     )
-    stateful = _clone_with({"stateful": True})
 
     def clone_layer(layer):
         # A nested model gets the same fixed batch size: a stateful RNN needs a static one.
         if is_graph_model(layer):
             return _stateful_copy(layer, batch_size)
-        return stateful(layer)
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.RNN):
+            config["stateful"] = True
+        return layer.__class__.from_config(config)
 
     clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_layer)
     clone.set_weights(model.get_weights())
     return clone
+
+
+@keras.saving.register_keras_serializable(package="keras_aaren")
+class CellStep(keras.layers.Layer):
+    """One token through a recurrent layer's cell: that layer's part of a step model.
+
+    Called on the token as the recurrent layer saw its sequences, `(batch_size, 1, features)`,
+    and the flat list of its cell's states (`keras.tree.flatten(cell.state_size)` order), it
+    calls the cell once (`training=False`) and returns `(outputs, new_states)`: `outputs` as the
+    layer returns them for that token (its compute dtype; a time axis of 1 with
+    `return_sequences`, none without; its final states after the output with `return_state`),
+    `new_states` in the dtypes of the states it was given. It holds the cell itself, so a step
+    model shares the trained model's weights.
+
+    Args:
+        cell: the recurrent layer's cell.
+        return_sequences: bool, as the recurrent layer's.
+        return_state: bool, as the recurrent layer's.
+        **kwargs: base layer keyword arguments; `make_step_model` passes the recurrent layer's
+            name and dtype policy.
+    """
+
+    def __init__(self, cell, return_sequences=False, return_state=False, **kwargs):
+        # The states keep the dtype they are given (the step's interface keeps them in floatx
+        # under mixed precision too); the cell casts them to its compute dtype, as
+        # keras.layers.RNN does at every step.
+        super().__init__(autocast=False, **kwargs)
+        self.cell = cell
+        self.return_sequences = return_sequences
+        self.return_state = return_state
+        self.built = True
+
+    def call(self, sequence, states):
+        sizes = self.cell.state_size
+        # A stack of cells (StackedRNNCells) nests its cells' sizes.
+        structure = [sizes] if isinstance(sizes, int) else list(sizes)
+        token = keras.ops.reshape(sequence, (-1, sequence.shape[-1]))
+        output, new_states = self.cell(
+            token, keras.tree.pack_sequence_as(structure, list(states)), training=False
+        )
+        new_states = keras.tree.flatten(new_states)
+        output = keras.ops.cast(output, self.compute_dtype)
+        if self.return_sequences:
+            output = keras.ops.reshape(output, (-1, 1, output.shape[-1]))
+        outputs = [output]
+        if self.return_state:
+            outputs += [keras.ops.cast(s, self.compute_dtype) for s in new_states]
+        return outputs, [keras.ops.cast(new, s.dtype) for new, s in zip(new_states, states)]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "cell": keras.saving.serialize_keras_object(self.cell),
+            "return_sequences": self.return_sequences,
+            "return_state": self.return_state,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        cell = keras.saving.deserialize_keras_object(config.pop("cell"))
+        return cls(cell, **config)
 
 
 def _check_no_mask(layer):
@@ -104,15 +161,27 @@ def _check_no_mask(layer):
             )
 
 
+def _lookup(tensors, tensor, where):
+    """The step's tensor for `tensor` of the model's graph (`where` it is used, for errors)."""
+    if id(tensor) not in tensors:
+        # The walk replays the first call of each layer in `model.layers` (`layer.input`,
+        # `layer.output`): a layer's second call, and a keras.ops function, are not among them.
+        raise ValueError(
+            f"make_step_model cannot replay {where}: it is the output of a layer that the model "
+            "calls more than once, or of a keras.ops function in the model's graph. Use "
+            "to_streaming, or build the model with a layer of its own for each call."
+        )
+    return tensors[id(tensor)]
+
+
 def _step_graph(model, batch_size):
-    """Re-run the model's layer graph on one token with explicit states in and out."""
+    """The model's layer graph on one token, each recurrent layer's cell called once."""
     features = model.inputs[0].shape[-1]
     token = keras.Input(batch_shape=(batch_size, features), dtype=model.inputs[0].dtype, name="x")
-    tensors = {id(model.inputs[0]): keras.layers.Reshape((1, features))(token)}
+    # Every layer sees the `(batch_size, 1, ...)` tensors it saw on sequences; the cells take
+    # the token without its time axis (see CellStep).
+    tensors = {id(model.inputs[0]): keras.ops.reshape(token, (batch_size, 1, features))}
     state_inputs, state_outputs = [], []
-    # One static timestep: unrolling removes the step loop of Keras RNNs, which TFLite cannot
-    # run over variables.
-    explicit = _clone_with({"return_state": True, "stateful": False, "unroll": True})
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
@@ -122,28 +191,41 @@ def _step_graph(model, batch_size):
                 "Use to_streaming, or build the model without nesting."
             )
         _check_no_mask(layer)
-        inputs = keras.tree.map_structure(lambda t: tensors[id(t)], layer.input)
+        where = f"an input of layer '{layer.name}' ({type(layer).__name__})"
+        inputs = keras.tree.map_structure(
+            functools.partial(_lookup, tensors, where=where), layer.input
+        )
         if isinstance(layer, keras.layers.RNN):
-            step_layer = explicit(layer)
-            # The built cell's sizes: a keras.layers.RNN copies them when constructed, before an
-            # Aaren cell knows the size of its output.
-            sizes = layer.cell.state_size
-            sizes = [sizes] if isinstance(sizes, int) else sizes
+            if not isinstance(inputs, keras.KerasTensor):
+                raise ValueError(
+                    f"Layer '{layer.name}' ({type(layer).__name__}) is called with more than its "
+                    "input sequence (an `initial_state` or a mask from the model's graph); the "
+                    "step carries every recurrent layer's state itself, from zeros for a new "
+                    "stream."
+                )
+            # The built cell's sizes, not the layer's copy: a keras.layers.RNN copies them when
+            # constructed, before an Aaren cell knows the size of its output.
             states = [
                 keras.Input(batch_shape=(batch_size, size), name=f"{layer.name}_state_{i}")
-                for i, size in enumerate(sizes)
+                for i, size in enumerate(keras.tree.flatten(layer.cell.state_size))
             ]
-            output, *new_states = step_layer(inputs, initial_state=states)
-            step_layer.set_weights(layer.get_weights())
+            step = CellStep(
+                layer.cell,
+                return_sequences=layer.return_sequences,
+                return_state=layer.return_state,
+                name=layer.name,
+                dtype=layer.dtype_policy,
+            )
+            outputs, new_states = step(inputs, states)
             state_inputs += states
             state_outputs += new_states
         else:
-            output = layer(inputs)
-        for original, new in zip(keras.tree.flatten(layer.output), keras.tree.flatten(output)):
+            outputs = layer(inputs)
+        for original, new in zip(keras.tree.flatten(layer.output), keras.tree.flatten(outputs)):
             tensors[id(original)] = new
-    output = tensors[id(model.outputs[0])]
+    output = _lookup(tensors, model.outputs[0], "the model's output")
     if len(output.shape) == 3:
-        output = keras.layers.Reshape(tuple(output.shape[2:]))(output)
+        output = keras.ops.reshape(output, (batch_size, *output.shape[2:]))
     return keras.Model([token, *state_inputs], [output, *state_outputs], name="step")
 
 
@@ -151,9 +233,13 @@ def make_step_model(model, batch_size):
     """A stateless Keras model for one token: `[x_t, *states] -> [y_t, *new_states]`.
 
     `x_t` is `(batch_size, features)`; the states are the `(batch_size, size)` states of every
-    recurrent layer in order (for each Aaren layer or block `[y, c]`), all zeros for a new
-    stream; `y_t` is the model's output for that token. Recurrent layers are copied (weights
-    included); every other layer is shared with `model`.
+    recurrent layer in order (for each Aaren layer or block `[y, c]`), in `keras.config.floatx()`
+    (float32 by default) under any dtype policy, all zeros for a new stream; `y_t` is the model's
+    output for that token. The step calls each recurrent
+    layer's cell once (with `training=False`) and every other layer on the
+    `(batch_size, 1, features)` tensors it sees on sequences (after a recurrent layer that
+    returns its last output only, `(batch_size, features)`). Every layer, and so every weight,
+    is shared with `model`: the step follows later changes of the model's weights.
 
     Args:
         model: a built Sequential or flat functional model with one input
@@ -164,8 +250,9 @@ def make_step_model(model, batch_size):
         A `keras.Model`; `initial_states(step_model)` gives the zero states.
 
     Raises:
-        ValueError: as `to_streaming`, or for nested models, multiple outputs, and layers that
-            attach a mask (such as `Masking`): send only real tokens.
+        ValueError: as `to_streaming`, or for nested models, multiple outputs, layers that
+            attach a mask (such as `Masking`: send only real tokens), layers called more than
+            once, and recurrent layers given an `initial_state` by the model's graph.
 
     Examples:
         >>> import numpy as np

@@ -9,9 +9,10 @@ LiteRT and ONNX from TensorFlow graphs (ONNX with `tf2onnx`). The files run in L
 interpreter (`ai-edge-litert`) and in ONNX Runtime; `pip install keras_aaren[deploy]` installs
 both and the converters.
 
-In the exported step every recurrent layer steps its cell (`method="sequential"`): for one
-token the parallel scan is the same sum, but on TensorFlow it is a nested XLA-compiled function,
-which `tf2onnx` cannot convert (a `PartitionedCall` op).
+The step model calls each recurrent layer's cell once per token (for Aaren,
+`keras_aaren.ops.aaren_step`), so the exported graphs hold no loop and no scan (the parallel
+scan is, on TensorFlow, an XLA-compiled nested function that `tf2onnx` cannot convert), and the
+state lives in their inputs and outputs, not in variables.
 """
 
 import tempfile
@@ -86,26 +87,17 @@ def _check_quantization(quantization, allowed, representative_data):
         )
 
 
-def _stepping(layer):
-    config = layer.get_config()
-    if isinstance(layer, keras.layers.RNN) and "method" in config:
-        config["method"] = "sequential"
-    return layer.__class__.from_config(config)
-
-
 def _named_step(model, batch_size):
     """The step model with named inputs and a dict of named outputs, and its input signature."""
     import tensorflow as tf
 
     step = make_step_model(model, batch_size)
-    stepping = keras.models.clone_model(step, clone_function=_stepping)
-    stepping.set_weights(step.get_weights())
     names = ["x"] + [f"state_{i}" for i in range(len(step.inputs) - 1)]
     inputs = [
         keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype, name=name)
         for t, name in zip(step.inputs, names)
     ]
-    results = stepping(inputs)
+    results = step(inputs)
     outputs = {"y": results[0], **{f"new_{n}": r for n, r in zip(names[1:], results[1:])}}
     named = keras.Model(inputs, outputs, name="step")
     signature = [tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in inputs]

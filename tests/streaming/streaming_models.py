@@ -34,3 +34,26 @@ def functional_mixed():
 
 
 MODELS = {"sequential_blocks": sequential_blocks, "functional_mixed": functional_mixed}
+
+
+def every_recurrent_kind():
+    # Keras' recurrent layers (GRU and SimpleRNN with one state, an LSTM whose final states feed
+    # the head), a stack of an Aaren cell and an LSTM cell in one RNN, and an Aaren layer that
+    # returns its last output only; per-timestep layers between them see (batch, 1, features) in
+    # the step, the head sees (batch, features).
+    layers = keras.layers
+    inputs = keras.Input((None, 3))
+    hidden = layers.LayerNormalization()(layers.Dense(WIDTH)(inputs))
+    hidden = layers.TimeDistributed(layers.Dense(WIDTH))(hidden)
+    hidden = layers.Conv1D(WIDTH, 1)(layers.GRU(WIDTH, return_sequences=True)(hidden))
+    hidden = layers.SimpleRNN(WIDTH, return_sequences=True)(hidden)
+    stack = layers.StackedRNNCells([AarenCell(2, 4, output_dim=WIDTH), layers.LSTMCell(WIDTH)])
+    hidden = layers.RNN(stack, return_sequences=True)(hidden)
+    hidden, last_h, _ = layers.LSTM(WIDTH, return_sequences=True, return_state=True)(hidden)
+    head = layers.Concatenate()([Aaren(2, 4)(hidden), last_h])
+    return keras.Model(inputs, layers.Dense(4)(head))
+
+
+def prefix_outputs(model, x, tokens):
+    """The parallel model's output on each prefix `x[:, : t + 1]`, for `t` in `tokens`."""
+    return [keras.ops.convert_to_numpy(model(x[:, : t + 1])) for t in tokens]

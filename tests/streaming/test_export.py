@@ -9,7 +9,14 @@ import keras
 import numpy as np
 import pytest
 from helpers import assert_close, data, to_numpy
-from streaming_models import BATCH, STEPS, functional_mixed, sequential_blocks
+from streaming_models import (
+    BATCH,
+    STEPS,
+    every_recurrent_kind,
+    functional_mixed,
+    prefix_outputs,
+    sequential_blocks,
+)
 
 from keras_aaren import Aaren, AarenBlock, streaming
 
@@ -84,6 +91,22 @@ def test_onnx_step_replays_parallel(mixed_and_data, tmp_path):
     model, x, expected = mixed_and_data
     path = streaming.export_onnx(model, str(tmp_path / "step.onnx"), BATCH)
     assert_close(_replay(_onnxruntime(path), _state_shapes(model), x)[0], expected, atol=1e-5)
+
+
+@on_tensorflow
+@pytest.mark.parametrize("runtime", ["litert", "onnx"])
+def test_every_kind_of_recurrent_layer_exports(runtime, tmp_path):
+    # Keras' GRU, SimpleRNN and LSTM, a stack of cells, and an Aaren layer whose last output
+    # feeds the head: each token's output is the parallel model's on the prefix up to it.
+    model = every_recurrent_kind()
+    x = data(BATCH, 6, 3, seed=6)
+    if runtime == "litert":
+        run = _litert(streaming.export_tflite(model, str(tmp_path / "step.tflite"), BATCH))
+    else:
+        run = _onnxruntime(streaming.export_onnx(model, str(tmp_path / "step.onnx"), BATCH))
+    outputs, _ = _replay(run, _state_shapes(model), x)
+    for t, expected in enumerate(prefix_outputs(model, x, range(x.shape[1]))):
+        assert_close(outputs[:, t], expected, atol=1e-6, what=f"token {t}")
 
 
 # Quantized streams: a model wide enough that LiteRT quantizes its matrices (it leaves weight
