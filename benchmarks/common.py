@@ -140,7 +140,8 @@ CONTENDERS = {
     "tfp_style": Contender(lambda h, k: ProjectedPrefix(h, k, tfp_style_prefix), exact=True),
     "mha_causal": Contender(CausalSelfAttention),
     "rnn_cell": Contender(
-        lambda h, k: keras.layers.RNN(AarenCell(h, k), return_sequences=True), exact=True
+        lambda h, k: keras.layers.RNN(AarenCell(h, k, output_dim=h * k), return_sequences=True),
+        exact=True,
     ),
     "lstm": Contender(lambda h, k: keras.layers.LSTM(h * k, return_sequences=True)),
     # Aaren's own projections around the cheapest prefixes, to show where Aaren's time goes.

@@ -206,7 +206,17 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         self.built = True
 
     def _attention_input(self, x):
-        return self.attention_norm(x) if self.norm_first else x
+        return self._normalize(self.attention_norm, x) if self.norm_first else x
+
+    def _normalize(self, norm, x):
+        """`norm` (built for one token) over tokens or sequences: a sequence is normalized as
+        the batch of its tokens, since Keras resolves `LayerNormalization`'s axis against the
+        rank it was built for."""
+        if len(x.shape) == 2:
+            return norm(x)
+        lead = tuple(ops.shape(x)[:-1])
+        flat = norm(ops.reshape(x, (-1, self.input_dim)))
+        return ops.reshape(flat, lead + (self.input_dim,))
 
     def _rest_of_block(self, x, attended, token, training):
         """Everything after the attention, which acts on each token alone.
@@ -225,11 +235,11 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
             drop_attention = drop_ffn = lambda t: t
         h = x + drop_attention(attended)
         if not self.norm_first:
-            h = self.attention_norm(h)
-        ffn_input = self.ffn_norm(h) if self.norm_first else h
+            h = self._normalize(self.attention_norm, h)
+        ffn_input = self._normalize(self.ffn_norm, h) if self.norm_first else h
         ffn = self.ffn_output(self.ffn_intermediate(ffn_input))
         y = h + drop_ffn(ffn)
-        return y if self.norm_first else self.ffn_norm(y)
+        return y if self.norm_first else self._normalize(self.ffn_norm, y)
 
     def call(self, inputs, states, training=False):
         check_float(self, inputs)

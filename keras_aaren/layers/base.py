@@ -9,6 +9,8 @@ from keras import ops
 
 from keras_aaren.compat import output_before_first_real_step
 from keras_aaren.layers.arguments import resolve, serialize
+from keras_aaren.ops import backend as plumbing
+from keras_aaren.ops.chunked import DEFAULT_CHUNK_SIZE
 from keras_aaren.ops.scan import check_method
 from keras_aaren.validation import check_positive_int, check_shape
 
@@ -185,6 +187,43 @@ class ParallelRNN(keras.layers.RNN):
         return super().compute_output_shape(sequences_shape, initial_state_shape)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
+        if not training and plumbing.runs_eagerly_on_jax(sequences, initial_state, mask):
+            return self._eager_inner_loop(sequences, initial_state, mask)
+        return self._inner_loop(sequences, initial_state, mask, training)
+
+    def _eager_inner_loop(self, sequences, initial_state, mask):
+        """`_inner_loop` of an eager call on JAX, as one program per length bucket.
+
+        Op by op, every new length compiles each of the layer's primitives again and JAX keeps
+        them all, so a process that calls a layer eagerly on many lengths would grow without
+        bound. Here the sequence is padded up to its bucket (`ops.backend.padded_length`) with
+        masked tokens (in front when the layer runs backwards, so that they come last), and the
+        layer's math runs as one compiled program, of which a bounded number is kept
+        (`keras_aaren.ops.set_eager_program_limit`). The weights enter as arguments, so the
+        program follows them as they change.
+        """
+        batch, steps = sequences.shape[0], sequences.shape[1]
+        pad = plumbing.padded_length(steps, DEFAULT_CHUNK_SIZE) - steps
+        mask = ops.ones((batch, steps), "bool") if mask is None else ops.cast(mask, "bool")
+        where = (pad, 0) if self.go_backwards else (0, pad)
+        sequences = ops.pad(sequences, ((0, 0), where, (0, 0)))
+        mask = ops.pad(mask, ((0, 0), where), constant_values=False)
+        variables = list(self.cell.variables)
+
+        def run(values, sequences, initial_state, mask):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return self._inner_loop(sequences, initial_state, mask, False)
+
+        signature = tuple(
+            (tuple(x.shape), keras.backend.standardize_dtype(x.dtype))
+            for x in (sequences, *initial_state)
+        )
+        program = plumbing.eager_program(run, (id(self), signature))
+        _, outputs, states = program([v.value for v in variables], sequences, initial_state, mask)
+        outputs = outputs[:, :steps]
+        return outputs[:, -1], outputs, states
+
+    def _inner_loop(self, sequences, initial_state, mask, training):
         if self.method == "sequential":
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if mask is not None:

@@ -6,7 +6,11 @@ One algorithm per module: `naive` (the O(T²) reference the tests compare agains
 TensorFlow, JAX and PyTorch, and `scan` validates and dispatches.
 """
 
-from keras_aaren.ops.backend import full_precision_matmuls
+from keras_aaren.ops.backend import (
+    eager_program_count,
+    full_precision_matmuls,
+    set_eager_program_limit,
+)
 from keras_aaren.ops.naive import aaren_attention_naive
 from keras_aaren.ops.recurrence import aaren_combine, aaren_step, identity_state, readout
 from keras_aaren.ops.scan import METHODS, aaren_scan
@@ -17,7 +21,9 @@ __all__ = [
     "aaren_combine",
     "aaren_scan",
     "aaren_step",
+    "eager_program_count",
     "full_precision_matmuls",
     "identity_state",
     "readout",
+    "set_eager_program_limit",
 ]

@@ -12,16 +12,43 @@ from keras import ops
 from keras_aaren.ops.recurrence import aaren_combine, readout, token_leaves
 
 
-def scan_associative(scores, values, state, mask):
+def scan_associative(scores, values, state, mask, starts=None):
     """Every prefix of the sequence by an associative scan, each seeded with `state`.
 
     scores: (B, T, H); values: (B, T, H, D); state: `(m, u, w)` in the scan dtype; mask: (B, T)
-    bool or None. Returns the outputs `(B, T, H, D)` and the final state.
+    bool or None; starts: (B, T) bool or None, True where a segment starts from nothing seen
+    (`state` seeds the first segment only). Returns the outputs `(B, T, H, D)` and the final
+    state.
     """
     leaves = token_leaves(scores, values, mask)
-    prefix = ops.associative_scan(aaren_combine, leaves, axis=1)
+    if starts is None:
+        prefix = ops.associative_scan(aaren_combine, leaves, axis=1)
+    else:
+        # Each leaf also says whether a segment starts at it: B after A is B alone if B starts
+        # afresh, and the flag is an OR. The operator stays associative.
+        flags = ops.cast(ops.broadcast_to(starts[..., None], ops.shape(scores)), scores.dtype)
+        *prefix, _ = ops.associative_scan(combine_segments, (*leaves, flags), axis=1)
     # keras.ops.associative_scan on TensorFlow loses even the rank; give the leaves' shape back.
     prefix = tuple(ops.reshape(p, ops.shape(leaf)) for p, leaf in zip(prefix, leaves))
     total = aaren_combine(tuple(x[:, None] for x in state), prefix)
+    if starts is not None:
+        later = (ops.cumsum(ops.cast(starts, "int32"), axis=1) > 0)[..., None]  # (B, T, 1)
+        total = tuple(
+            ops.where(later if len(x.shape) == 3 else later[..., None], p, x)
+            for p, x in zip(prefix, total)
+        )
     final = tuple(x[:, -1] for x in total)
     return readout(total), final
+
+
+def combine_segments(a, b):
+    """⊕ on leaves `(m, u, w, started)`: `b` alone where a segment starts in it."""
+    *state_a, started_a = a
+    *state_b, started_b = b
+    combined = aaren_combine(state_a, state_b)
+    restart = started_b > 0
+    state = tuple(
+        ops.where(restart if len(x.shape) == len(restart.shape) else restart[..., None], y, x)
+        for x, y in zip(combined, state_b)
+    )
+    return (*state, ops.maximum(started_a, started_b))

@@ -4,17 +4,21 @@ The algorithms in this package are written once on `keras.ops`. What differs bet
 TensorFlow, JAX and PyTorch is how a hand-written gradient is attached and how float32 matrix
 products round on a GPU; those conventions live here and nowhere else.
 
-Nothing here compiles: the ops are plain `keras.ops`, traced and compiled by their caller
-(Keras' `fit`, `predict` and `evaluate`, a user's `jax.jit` or `tf.function`) for whatever
-lengths the caller allows, static or unknown, and run op by op when called eagerly. A program
-compiled per sequence length and kept by the package would grow a process that sees many
-lengths without bound.
+The ops are plain `keras.ops`, traced and compiled by their caller (Keras' `fit`, `predict` and
+`evaluate`, a user's `jax.jit` or `tf.function`) for whatever lengths the caller allows, static
+or unknown, and run op by op when called eagerly, except one case: an eager call on JAX runs
+the scan as one program per length bucket, of which a bounded number is kept
+(`set_eager_program_limit`). A program compiled per sequence length and kept without bound would
+grow a process that sees many lengths.
 """
 
+import collections
 import contextlib
 import math
 
 from keras import backend, ops
+
+from keras_aaren.validation import check_positive_int
 
 
 def full_precision_matmuls():
@@ -100,3 +104,89 @@ def _unpack(flat, shapes):
         tensors.append(ops.reshape(flat[start : start + size], shape))
         start += size
     return tensors
+
+
+# Eager calls on JAX. Run op by op, the scan's hundred-odd primitives each compile for every new
+# shape, and JAX keeps each of those programs: a process that sees many lengths grows by tens
+# of MiB per length. Eagerly, the scan instead runs as one program per length bucket (the
+# length padded up to a power of two, the padding masked), and only the `eager_program_limit()`
+# most recently used programs are kept. A caller's trace (`jax.jit`, Keras' compiled steps)
+# never reaches this: there the scan is plain `keras.ops` in the caller's program.
+_eager_limit = 8
+_eager_programs = collections.OrderedDict()
+
+
+def set_eager_program_limit(limit):
+    """Set how many programs the scan keeps compiled for eager calls on JAX.
+
+    Called eagerly on JAX (outside any `jax.jit` or Keras' compiled `fit` and `predict`),
+    `aaren_scan` runs as one compiled program per shape, with the length padded up to a power of
+    two (at least the chunk size) and the padding masked, so that sequences of any length share a
+    few programs. The least recently used program beyond `limit` is dropped. Other backends
+    compile nothing eagerly; there this setting has no effect.
+
+    Args:
+        limit: int >= 1, the number of programs kept (8 by default).
+
+    Raises:
+        ValueError: if `limit` is not a positive integer.
+
+    Examples:
+        >>> set_eager_program_limit(4)
+        >>> eager_program_count() <= 4
+        True
+        >>> set_eager_program_limit(8)
+    """
+    global _eager_limit
+    check_positive_int("limit", limit)
+    _eager_limit = limit
+    _evict()
+
+
+def eager_program_count():
+    """How many programs the scan holds compiled for eager calls (0 except on JAX).
+
+    Returns:
+        int, at most the limit of `set_eager_program_limit`.
+
+    Examples:
+        >>> eager_program_count() >= 0
+        True
+    """
+    return len(_eager_programs)
+
+
+def _evict():
+    while len(_eager_programs) > _eager_limit:
+        _eager_programs.popitem(last=False)
+
+
+def runs_eagerly_on_jax(*tensors):
+    """Whether a JAX call is eager: none of `tensors` belongs to a caller's trace."""
+    if backend.backend() != "jax":
+        return False
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(tensors)
+    return not any(isinstance(x, jax.core.Tracer) for x in leaves)
+
+
+def padded_length(length, multiple):
+    """The length bucket of an eager call: the next power of two, at least `multiple`."""
+    return max(multiple, 1 << max(0, length - 1).bit_length())
+
+
+def eager_program(fn, key):
+    """The compiled program of `fn` for `key`, compiled on first use, most recently used kept.
+
+    Each program is the `jax.jit` of its own function object, so that dropping it releases what
+    JAX compiled for it.
+    """
+    import jax
+
+    program = _eager_programs.pop(key, None)
+    if program is None:
+        program = jax.jit(lambda *args: fn(*args))
+    _eager_programs[key] = program
+    _evict()
+    return program

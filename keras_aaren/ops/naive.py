@@ -13,24 +13,29 @@ from keras import backend, ops
 from keras_aaren.ops.backend import full_precision_matmuls
 
 
-def aaren_attention_naive(scores, values, initial_state=None, mask=None):
+def aaren_attention_naive(scores, values, initial_state=None, mask=None, segment_ids=None):
     """Causal softmax attention of one query per head, written plainly.
 
     $$o_k = \\sum_{i \\le k,\\ \\text{mask}_i} \\operatorname{softmax}_i(s)\\, v_i$$
 
     An `initial_state` $(m_0, u_0, w_0)$ with $u_0 > 0$ enters as one more key in front of the
     sequence, with score $m_0 + \\log u_0$ and value $w_0 / u_0$. A row with no real key outputs 0.
+    With `segment_ids`, the attention is block-diagonal: a token whose segment id differs from
+    the previous token's starts a segment, and each token attends to the tokens of its own
+    segment only; the initial state belongs to the first segment.
 
     Args:
         scores: tensor `(batch_size, timesteps, num_heads)`.
         values: tensor `(batch_size, timesteps, num_heads, value_dim)`.
         initial_state: optional tuple `(m, u, w)`: `(B, H)`, `(B, H)`, `(B, H, D)`.
         mask: optional boolean tensor `(batch_size, timesteps)`, True for a real token.
+        segment_ids: optional integer tensor `(batch_size, timesteps)`.
 
     Returns:
-        A tuple `(outputs, final_state)`: outputs `(B, T, H, D)`; `final_state = (m, u, w)` with
-        `m` the largest score seen, `u = Σ exp(s_i - m)`, `w = Σ exp(s_i - m) v_i`; a row that saw
-        nothing returns its initial state (zeros when none was given).
+        A tuple `(outputs, final_state)`: outputs `(B, T, H, D)`; `final_state = (m, u, w)` of
+        the last segment, with `m` the largest score seen, `u = Σ exp(s_i - m)`,
+        `w = Σ exp(s_i - m) v_i`; a row that saw nothing returns its initial state (zeros when
+        none was given, or when its last segment is not its first).
 
     Examples:
         >>> import numpy as np
@@ -70,6 +75,17 @@ def aaren_attention_naive(scores, values, initial_state=None, mask=None):
     causal = positions[None, :] <= (positions[:t, None] + 1)  # (T, 1+T)
     key_ok = ops.concatenate([has_start[:, None, :], ops.repeat(mask[:, :, None], h, axis=2)], 1)
     visible = ops.logical_and(causal[None, :, :, None], key_ok[:, None, :, :])  # (B, T, 1+T, H)
+    # run[k]: how many segments started up to token k; the start key is in run 0.
+    run = ops.zeros((b, t), "int32")
+    if segment_ids is not None:
+        ids = ops.convert_to_tensor(segment_ids)
+        starts = ops.concatenate(
+            [ops.zeros((b, 1), "bool"), ops.not_equal(ids[:, 1:], ids[:, :-1])], axis=1
+        )
+        run = ops.cumsum(ops.cast(starts, "int32"), axis=1)
+        key_run = ops.concatenate([ops.zeros((b, 1), "int32"), run], axis=1)  # (B, 1+T)
+        same = ops.equal(run[:, :, None], key_run[:, None, :])  # (B, T, 1+T)
+        visible = ops.logical_and(visible, same[..., None])
 
     logits = ops.where(visible, keys[:, None, :, :], neg)
     row_max = ops.max(logits, axis=2, keepdims=True)
@@ -92,9 +108,11 @@ def aaren_attention_naive(scores, values, initial_state=None, mask=None):
     u = ops.sum(scale * u_parts, axis=1)
     w = ops.sum(scale[..., None] * w_parts, axis=1)
     seen = u > 0
+    # A row whose last segment saw nothing has its state: empty, unless that is the first.
+    first = (run[:, -1] == 0)[:, None]  # (B, 1)
     final = (
-        ops.where(seen, m, m0),
-        ops.where(seen, u, u0),
-        ops.where(seen[..., None], w, w0),
+        ops.where(seen, m, ops.where(first, m0, 0.0)),
+        ops.where(seen, u, ops.where(first, u0, 0.0)),
+        ops.where(seen[..., None], w, ops.where(first[..., None], w0, 0.0)),
     )
     return outputs, final

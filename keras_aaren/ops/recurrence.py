@@ -175,22 +175,27 @@ def token_leaves(scores, values, mask):
     return m, u, w
 
 
-def scan_sequential(scores, values, state, mask):
+def scan_sequential(scores, values, state, mask, starts=None):
     """The recurrence run one token at a time with `keras.ops.scan`: `aaren_step` in a loop.
 
-    Masked tokens leave the state as it was. scores: (B, T, H); values: (B, T, H, D); state:
-    `(m, u, w)` in the scan dtype. Returns the outputs `(B, T, H, D)` and the final state.
+    Masked tokens leave the state as it was; a token where a segment starts (`starts`, (B, T)
+    bool) first empties it. scores: (B, T, H); values: (B, T, H, D); state: `(m, u, w)` in the
+    scan dtype. Returns the outputs `(B, T, H, D)` and the final state.
     """
     if mask is None:
         mask = ops.ones(ops.shape(scores)[:2], dtype="bool")
+    if starts is None:
+        starts = ops.zeros(ops.shape(scores)[:2], dtype="bool")
+
+    def per_row(flag, c):
+        return ops.reshape(flag, (-1,) + (1,) * (len(c.shape) - 1))
 
     def step(carry, xs):
-        score, value, keep = xs
+        score, value, keep, start = xs
+        # The all-zero state is "nothing seen", whatever the running max.
+        carry = tuple(ops.where(per_row(start, c), ops.zeros_like(c), c) for c in carry)
         _, new = aaren_step(carry, score, value)
-        carry = tuple(
-            ops.where(ops.reshape(keep, (-1,) + (1,) * (len(c.shape) - 1)), n, c)
-            for n, c in zip(new, carry)
-        )
+        carry = tuple(ops.where(per_row(keep, c), n, c) for n, c in zip(new, carry))
         # keras.ops.scan on TensorFlow wants the per-step output shaped like the carry, so emit
         # the state and read all of them out after the loop.
         return carry, carry
@@ -199,6 +204,7 @@ def scan_sequential(scores, values, state, mask):
         ops.moveaxis(scores, 1, 0),
         ops.moveaxis(values, 1, 0),
         ops.moveaxis(mask, 1, 0),
+        ops.moveaxis(starts, 1, 0),
     )
     final, states = ops.scan(step, state, xs)
     outputs = readout(states)  # (T, B, H, D)

@@ -5,8 +5,9 @@ paper's parallel prefix scan) and `chunked` (matrix products in chunks, the defa
 the O(T²) oracle they are tested against, and `backend` compiles them.
 """
 
-from keras import ops
+from keras import backend, ops
 
+from keras_aaren.ops import backend as plumbing
 from keras_aaren.ops.associative import scan_associative
 from keras_aaren.ops.chunked import DEFAULT_CHUNK_SIZE, scan_chunked
 from keras_aaren.ops.recurrence import identity_state, scan_dtype, scan_sequential
@@ -21,7 +22,7 @@ def check_method(method):
         raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
 
 
-def _validate(scores, values, initial_state, mask, method, chunk_size):
+def _validate(scores, values, initial_state, mask, method, chunk_size, segment_ids):
     check_method(method)
     # A chunk must hold at least 2 tokens for the prefix over chunk summaries to be shorter than
     # the sequence it summarizes.
@@ -42,6 +43,14 @@ def _validate(scores, values, initial_state, mask, method, chunk_size):
     check_shape("values", values.shape, (b, t, h, d), layout)
     if mask is not None:
         check_shape("mask", mask.shape, (b, t), "(batch_size, timesteps)")
+    if segment_ids is not None:
+        check_shape("segment_ids", segment_ids.shape, (b, t), "(batch_size, timesteps)")
+        dtype = backend.standardize_dtype(segment_ids.dtype)
+        if "int" not in dtype:
+            raise ValueError(
+                "`segment_ids` must be integers, one segment id per token. "
+                f"Received: segment_ids.dtype={dtype}"
+            )
     if initial_state is not None:
         if not isinstance(initial_state, (list, tuple)) or len(initial_state) != 3:
             raise ValueError(
@@ -59,6 +68,7 @@ def aaren_scan(
     mask=None,
     method="auto",
     chunk_size=DEFAULT_CHUNK_SIZE,
+    segment_ids=None,
 ):
     """Aaren over a whole sequence: every prefix's attention output and the final state.
 
@@ -70,8 +80,10 @@ def aaren_scan(
     where $(m_0, u_0, w_0)$ is `initial_state` and $\\hat u_0 = u_0 e^{m_0 - M_k}$,
     $\\hat w_0 = w_0 e^{m_0 - M_k}$, $M_k$ the running max. Masked tokens are identity elements:
     they change neither the state nor the output, which stays that of the last real token (0 before
-    any). All methods agree to float rounding for any scores, including ramps that span thousands
-    of units.
+    any). With `segment_ids`, several sequences packed in one row stay apart: a token whose
+    segment id differs from the previous token's starts from "nothing seen", as if its sequence
+    were alone, and `initial_state` seeds the first segment only. All methods agree to float
+    rounding for any scores, including ramps that span thousands of units.
 
     Use it to build your own layer on Aaren's prefix reduction; `keras_aaren.Aaren` wraps it with
     the projections, and `aaren_attention_naive` is the plain O(T²) reference it equals.
@@ -91,18 +103,25 @@ def aaren_scan(
             closed form) or `"auto"` (`"chunked"` on every backend). Every method is plain
             `keras.ops`: it compiles with its caller (`fit`, `predict`, `jax.jit`,
             `tf.function`), for a static or an unknown length, and runs op by op when called
-            eagerly; the op compiles nothing on its own behalf.
+            eagerly, except on JAX, where an eager call runs as one compiled program per
+            length bucket, a bounded number of them kept (`set_eager_program_limit`).
         chunk_size: int >= 2, the chunk length of `"chunked"`.
+        segment_ids: optional integer tensor `(batch_size, timesteps)`: the segment of each
+            token, as flash-linear-attention's `cu_seqlens` per token. Only changes between
+            neighbours matter (ids need not be sorted or unique across a row), and a masked
+            token still starts its segment.
 
     Returns:
         A tuple `(outputs, final_state)`: `outputs` of shape `(batch_size, timesteps, num_heads,
         value_dim)` in the dtype of `values`, and `final_state = (m, u, w)` in the scan dtype
-        (float32; float64 for float64 inputs). A row that saw no real token returns its initial
-        state unchanged.
+        (float32; float64 for float64 inputs), that of the last segment. A row that saw no real
+        token returns its initial state unchanged, or the empty state (zeros) if its last
+        segment is not its first.
 
     Raises:
         ValueError: for a `method` that does not exist, a `chunk_size` below 2, tensors whose
-            ranks or shapes do not match, or a sequence of no timesteps.
+            ranks or shapes do not match, `segment_ids` that are not integers, or a sequence of
+            no timesteps.
 
     Examples:
         >>> import numpy as np
@@ -116,16 +135,58 @@ def aaren_scan(
     values = ops.convert_to_tensor(values)
     if mask is not None:
         mask = ops.convert_to_tensor(mask)
-    _validate(scores, values, initial_state, mask, method, chunk_size)
+    if segment_ids is not None:
+        segment_ids = ops.convert_to_tensor(segment_ids)
+    _validate(scores, values, initial_state, mask, method, chunk_size, segment_ids)
     if initial_state is not None:
         initial_state = tuple(ops.convert_to_tensor(x) for x in initial_state)
-    return _scan(scores, values, initial_state, mask, method, chunk_size)
+    args = (scores, values, initial_state, mask, segment_ids)
+    if plumbing.runs_eagerly_on_jax(*args):
+        return _eager_scan(*args, method, chunk_size)
+    return _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids)
 
 
-def _scan(scores, values, initial_state, mask, method, chunk_size):
+def _eager_scan(scores, values, initial_state, mask, segment_ids, method, chunk_size):
+    """`_scan` as one compiled program per length bucket (see `backend.eager_program`).
+
+    The padding is masked and continues the last segment, so it changes neither the outputs of
+    the real tokens nor the final state.
+    """
+    steps = scores.shape[1]
+    pad = plumbing.padded_length(steps, chunk_size) - steps
+    if mask is None:
+        mask = ops.ones(scores.shape[:2], "bool")
+    if pad:
+        scores = ops.pad(scores, ((0, 0), (0, pad), (0, 0)))
+        values = ops.pad(values, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        mask = ops.pad(ops.cast(mask, "bool"), ((0, 0), (0, pad)), constant_values=False)
+        if segment_ids is not None:
+            last = ops.repeat(segment_ids[:, -1:], pad, axis=1)
+            segment_ids = ops.concatenate([segment_ids, last], axis=1)
+
+    def run(scores, values, initial_state, mask, segment_ids):
+        return _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids)
+
+    args = (scores, values, initial_state, mask, segment_ids)
+    signature = tuple(
+        None if x is None else (tuple(x.shape), backend.standardize_dtype(x.dtype))
+        for x in (scores, values, mask, segment_ids, *(initial_state or (None,)))
+    )
+    outputs, final = plumbing.eager_program(run, (method, chunk_size, signature))(*args)
+    return outputs[:, :steps], final
+
+
+def segment_starts(segment_ids):
+    """(B, T) bool: True where a token's segment id differs from the previous token's."""
+    changed = ops.not_equal(segment_ids[:, 1:], segment_ids[:, :-1])
+    return ops.concatenate([ops.zeros_like(segment_ids[:, :1], dtype="bool"), changed], axis=1)
+
+
+def _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids):
     """`aaren_scan` once its arguments are tensors and valid."""
     if mask is not None:
         mask = ops.cast(mask, "bool")
+    starts = None if segment_ids is None else segment_starts(segment_ids)
     out_dtype = values.dtype
     dtype = scan_dtype(values.dtype)
     scores = ops.cast(scores, dtype)
@@ -137,13 +198,19 @@ def _scan(scores, values, initial_state, mask, method, chunk_size):
     else:
         start = tuple(ops.cast(x, dtype) for x in initial_state)
     if method == "sequential":
-        outputs, final = scan_sequential(scores, values, start, mask)
+        outputs, final = scan_sequential(scores, values, start, mask, starts)
     elif method == "associative":
-        outputs, final = scan_associative(scores, values, start, mask)
+        outputs, final = scan_associative(scores, values, start, mask, starts)
     else:
-        outputs, final = scan_chunked(scores, values, start, mask, chunk_size)
+        outputs, final = scan_chunked(scores, values, start, mask, chunk_size, starts)
     # A row that saw nothing keeps the state it started from, exactly as an RNN that skips its
-    # masked steps does.
+    # masked steps does; after a segment start, that is the empty state.
+    if starts is not None:
+        first = ops.logical_not(ops.any(starts, axis=1))[:, None]  # (B, 1)
+        start = tuple(
+            ops.where(first if len(x.shape) == 2 else first[..., None], x, ops.zeros_like(x))
+            for x in start
+        )
     seen = final[1] > 0
     final = (
         ops.where(seen, final[0], start[0]),

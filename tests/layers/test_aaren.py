@@ -527,3 +527,33 @@ def test_bad_inputs_raise():
         AarenCell(2, 4).build((2, 5, 3))
     with pytest.raises(ValueError, match="floating-point `inputs`"):
         keras.layers.RNN(AarenCell(2, 4, output_dim=3))(np.zeros((2, 5, 3), "int32"))
+
+
+def test_model_on_50_lengths_keeps_a_bounded_number_of_programs():
+    # Called eagerly on sequences of 50 lengths, a model compiles nothing on TensorFlow and, on
+    # JAX, at most the limit of programs (one per length bucket and layer), however many
+    # lengths it has seen; each output still equals stepping the same cells.
+    from keras_aaren.ops import eager_program_count, set_eager_program_limit
+
+    model = keras.Sequential(
+        [keras.Input((None, FEATURES)), Aaren(2, 4, return_sequences=True), Aaren(1, 3)]
+    )
+    stepping = keras.Sequential(
+        [
+            keras.Input((None, FEATURES)),
+            keras.layers.RNN(model.layers[0].cell, return_sequences=True),
+            keras.layers.RNN(model.layers[1].cell),
+        ]
+    )
+    set_eager_program_limit(3)
+    try:
+        for steps in range(3, 53):
+            x = data(2, steps, seed=steps)
+            outputs = model(x)
+            assert eager_program_count() <= 3
+            if steps in (3, 17, 52):
+                assert_close(outputs, stepping(x), what=f"T={steps}")
+        bound = 3 if keras.backend.backend() == "jax" else 0
+        assert eager_program_count() == bound
+    finally:
+        set_eager_program_limit(8)
