@@ -99,7 +99,7 @@ class AarenCell(AttentionCell):
     Examples:
         >>> import numpy as np
         >>> import keras
-        >>> cell = AarenCell(num_heads=2, key_dim=8)
+        >>> cell = AarenCell(num_heads=2, key_dim=8, output_dim=16)
         >>> streaming = keras.layers.RNN(cell, return_sequences=True)
         >>> y = streaming(np.random.rand(4, 10, 16).astype("float32"))
         >>> tuple(y.shape)

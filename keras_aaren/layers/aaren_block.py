@@ -97,6 +97,7 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         >>> import numpy as np
         >>> import keras
         >>> cell = AarenBlockCell(num_heads=2, key_dim=8, ffn_dim=32)
+        >>> cell.build((None, 16))  # its width, which keras.layers.RNN reads when constructed
         >>> y = keras.layers.RNN(cell, return_sequences=True)(np.random.rand(3, 7, 16))
         >>> tuple(y.shape)
         (3, 7, 16)

@@ -128,6 +128,9 @@ def set_eager_program_limit(limit):
     Args:
         limit: int >= 1, the number of programs kept (8 by default).
 
+    Returns:
+        None.
+
     Raises:
         ValueError: if `limit` is not a positive integer.
 
