@@ -4,16 +4,21 @@ Run (defaults: values of shape (8, T, 4, 16), float32):
 
     python -m benchmarks.scan                          # T = 1024 ... 16384
     python -m benchmarks.scan --lengths 4096 --repeats 5
+    python -m benchmarks.scan --segment-length 100     # packed rows: a segment every 100 tokens
     KERAS_BACKEND=jax python -m benchmarks.scan        # eager and jax.jit, JAX's default device
 
 A cumulative sum over the values reads and writes the tensor once: it is the least a prefix
 reduction over them can cost. Each is timed from two callers, alike for both:
 
-* TensorFlow: a caller's `tf.function` without XLA (`aaren_scan` then runs its own
-  XLA-compiled kernel, as it does for an eager call) and one with `jit_compile=True` (the scan
-  is compiled inline with its caller); the cumulative sum is `tf.math.cumsum`;
-* JAX: an eager call (`aaren_scan` then runs as its own `jax.jit` program, `jnp.cumsum` as one
-  compiled op) and a caller's `jax.jit`. Each call waits for the device to finish.
+* TensorFlow: a caller's `tf.function` without XLA (each of the scan's operations a kernel of
+  its own) and one with `jit_compile=True` (the scan fused with its caller); the cumulative sum
+  is `tf.math.cumsum`;
+* JAX: an eager call (`aaren_scan` then runs as one compiled program per length bucket,
+  `jnp.cumsum` as one compiled op) and a caller's `jax.jit`. Each call waits for the device to
+  finish.
+
+With `--segment-length N`, the scan runs on packed rows: `segment_ids` start a new segment every
+N tokens (`aaren_scan(..., segment_ids=...)`), to set beside a run without.
 
 The table reports medians of `--repeats` calls and the ratio scan / cumsum, and each call's
 median count of minor page faults (fresh memory the OS had to hand over, see
@@ -36,16 +41,26 @@ from benchmarks.common import machine, refuse_if_wrong, require_backend, timed, 
 from keras_aaren.ops import aaren_attention_naive, aaren_scan, full_precision_matmuls
 
 
-def oracle_error(scan):
+def segments(batch, steps, segment_length):
+    """`segment_ids` of rows packed with segments of `segment_length` tokens, or None."""
+    if segment_length is None:
+        return None
+    return np.broadcast_to(np.arange(steps) // segment_length, (batch, steps)).astype("int32")
+
+
+def oracle_error(scan, segment_length=None):
     """The largest difference between `scan`'s attended values and the naive oracle's, on
     scores spread wide enough (standard deviation 5) that a prefix without a running max would
     lose precision."""
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(2, 300, 4)) * 5.0
     values = rng.normal(size=(2, 300, 4, 16))
-    expected, _ = aaren_attention_naive(scores, values)
+    ids = segments(2, 300, segment_length)
+    expected, _ = aaren_attention_naive(scores, values, segment_ids=ids)
+    # A scan given without segments need not take `segment_ids`.
+    packed = {} if ids is None else {"segment_ids": ids}
     with full_precision_matmuls():
-        got, _ = scan(scores.astype("float32"), values.astype("float32"))
+        got, _ = scan(scores.astype("float32"), values.astype("float32"), **packed)
     return float(np.abs(keras.ops.convert_to_numpy(got) - np.asarray(expected)).max())
 
 
@@ -104,11 +119,14 @@ def main(argv=None, scan=aaren_scan):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--value-dim", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--segment-length", type=int, default=None)
     parser.add_argument("--output-dir", default="outputs/benchmarks")
     args = parser.parse_args(argv)
     require_backend(parser, "scan")
 
-    error = oracle_error(scan)
+    if args.segment_length is not None and args.segment_length < 1:
+        parser.error(f"--segment-length must be a positive integer, not {args.segment_length}")
+    error = oracle_error(scan, args.segment_length)
     if refuse_if_wrong({"the scan": error}):
         return 1
     results = []
@@ -118,7 +136,12 @@ def main(argv=None, scan=aaren_scan):
         # float32: 4 bytes an element.
         score_bytes, value_bytes = (4 * int(np.prod(t.shape)) for t in (scores, values))
         least_bytes = {"cumsum": 2 * value_bytes, "scan": score_bytes + 2 * value_bytes}
-        for caller, cumsum_fn, scan_fn in callers(scan):
+        ids = segments(args.batch, steps, args.segment_length)
+
+        def packed(scores, values, ids=ids):
+            return scan(scores, values) if ids is None else scan(scores, values, segment_ids=ids)
+
+        for caller, cumsum_fn, scan_fn in callers(packed):
             row = {"T": steps, "caller": caller}
             pairs = (("cumsum", cumsum_fn, (values,)), ("scan", scan_fn, (scores, values)))
             for name, fn, inputs in pairs:

@@ -95,6 +95,15 @@ def test_scan_benchmark_smoke(tmp_path):
 
 
 @measured_backend
+def test_scan_benchmark_with_segments(tmp_path):
+    args = ["--lengths", "12", "--repeats", "1", "--segment-length", "5"]
+    assert scan.main([*args, "--output-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "scan.json").read_text())
+    assert record["protocol"]["segment_length"] == 5
+    assert record["protocol"]["oracle_max_error"] < 1e-4
+
+
+@measured_backend
 def test_scan_benchmark_refuses_a_scan_that_misses_the_oracle(tmp_path, capsys):
     def plain_cumsum(scores, values):
         # Sums instead of softmax-weighted means.
