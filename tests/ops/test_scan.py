@@ -401,3 +401,13 @@ def test_empty_sequence_names_the_time_axis(method):
     match = "at least one timestep.*timesteps.*scores.shape=\\(2, 0, 3\\)"
     with pytest.raises(ValueError, match=match):
         aaren_scan(np.zeros((2, 0, 3), "float32"), np.zeros((2, 0, 3, 4), "float32"), method=method)
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2.5, True], ids=["zero", "negative", "float", "bool"])
+def test_eager_program_limit_must_be_a_positive_integer(limit):
+    from keras_aaren.ops import set_eager_program_limit
+
+    with pytest.raises(
+        ValueError, match=f"`limit` must be a positive integer. Received: limit={limit!r}"
+    ):
+        set_eager_program_limit(limit)
