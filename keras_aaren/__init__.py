@@ -4,6 +4,7 @@ __version__ = "1.0.0"
 
 from keras_aaren import ops, streaming
 from keras_aaren.layers import Aaren, AarenBlock, AarenBlockCell, AarenCell
+from keras_aaren.packing import PackedRows, PackedSequences, pack_sequences, unpack_sequences
 from keras_aaren.streaming import reset_states
 
 __all__ = [
@@ -13,6 +14,11 @@ __all__ = [
     "AarenCell",
     "ops",
     "streaming",
+    "packing",
+    "pack_sequences",
+    "unpack_sequences",
+    "PackedRows",
+    "PackedSequences",
     "reset_states",
     "__version__",
 ]
