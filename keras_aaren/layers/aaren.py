@@ -276,7 +276,14 @@ class AarenCell(AttentionCell):
         return self.output_projection(attended), self.flatten_state(new_state, states[0].dtype)
 
     def call_sequence(
-        self, sequences, states, mask=None, method="auto", last_only=False, training=False
+        self,
+        sequences,
+        states,
+        mask=None,
+        method="auto",
+        last_only=False,
+        training=False,
+        segment_ids=None,
     ):
         """The parallel form: every timestep at once with `aaren_scan`.
 
@@ -288,6 +295,7 @@ class AarenCell(AttentionCell):
             method: the `aaren_scan` method.
             last_only: return only the last timestep's output, `(batch_size, 1, output_dim)`.
             training: unused; part of the sequence-cell signature.
+            segment_ids: optional integer tensor `(batch_size, timesteps)`; see `aaren_scan`.
 
         Returns:
             A tuple `(outputs, new_states)`: `(batch_size, timesteps, output_dim)` (or
@@ -295,7 +303,12 @@ class AarenCell(AttentionCell):
         """
         scores, values = self.project(sequences)  # (B, T, H), (B, T, H, D)
         attended, final = aaren_scan(
-            scores, values, initial_state=self.unflatten_state(states), mask=mask, method=method
+            scores,
+            values,
+            initial_state=self.unflatten_state(states),
+            mask=mask,
+            method=method,
+            segment_ids=segment_ids,
         )
         if last_only:
             attended = attended[:, -1:]

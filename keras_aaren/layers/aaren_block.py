@@ -249,7 +249,14 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         return outputs, [ops.cast(outputs, states[0].dtype), *new_states]
 
     def call_sequence(
-        self, sequences, states, mask=None, method="auto", last_only=False, training=False
+        self,
+        sequences,
+        states,
+        mask=None,
+        method="auto",
+        last_only=False,
+        training=False,
+        segment_ids=None,
     ):
         """The parallel form of the block over `(batch_size, timesteps, width)`, with the
         attention's state `[c]`; see `AarenCell.call_sequence`."""
@@ -259,6 +266,7 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
             mask=mask,
             method=method,
             last_only=last_only,
+            segment_ids=segment_ids,
         )
         token = sequences[:, 0]
         if last_only:

@@ -11,7 +11,7 @@ from keras_aaren.compat import output_before_first_real_step
 from keras_aaren.layers.arguments import resolve, serialize
 from keras_aaren.ops import backend as plumbing
 from keras_aaren.ops.chunked import DEFAULT_CHUNK_SIZE
-from keras_aaren.ops.scan import check_method
+from keras_aaren.ops.scan import check_method, segment_starts
 from keras_aaren.validation import check_positive_int, check_shape
 
 
@@ -104,22 +104,50 @@ def learn_width(cell, sequences_shape):
         cell.input_dim = int(sequences_shape[-1])
 
 
-def _carry_last_real(outputs, mask, before):
-    """Each step's output replaced by that of the last real step up to it; `before` before any.
+def _in_order(flags):
+    """(B, T) bool -> (B, T) int: the positions where `flags` holds, in order, then the rest.
 
-    outputs: (B, T, O); mask: (B, T) bool; before: (B, O). A gather, so it compiles under XLA
-    like the scan.
+    Sorting flagged positions before the others (keys are unique) lists them in order: the c-th
+    flagged position is entry c - 1. A sort and a gather, so it compiles under XLA like the scan.
     """
-    steps = ops.shape(mask)[1]
+    steps = ops.shape(flags)[1]
     position = ops.arange(steps)
-    # Sorting real steps before masked ones (keys are unique) lists the real positions in order;
-    # the c-th real position is where a step that has seen c real tokens takes its output from.
-    order = ops.argsort(ops.where(mask, position, position + steps), axis=1)  # (B, T)
-    count = ops.cumsum(ops.cast(mask, "int32"), axis=1)  # (B, T)
-    source = ops.take_along_axis(order, ops.maximum(count - 1, 0), axis=1)  # (B, T)
+    return ops.argsort(ops.where(flags, position, position + steps), axis=1)
+
+
+def _carry_last_real(outputs, mask, before, starts=None):
+    """Each step's output replaced by that of the last real step of its segment up to it.
+
+    Before its segment's first real step, a step outputs `before` in the first segment and zeros
+    in the others, as each segment would alone.
+
+    Args:
+        outputs: (B, T, O).
+        mask: (B, T) bool.
+        before: (B, O).
+        starts: optional (B, T) bool, True at a segment's first token.
+
+    Returns:
+        A tuple `(carried, seen, first)`: the outputs (B, T, O), whether each step's segment
+        has seen a real token up to it (B, T), and whether it is the first segment (B, T).
+    """
+    count = ops.cumsum(ops.cast(mask, "int32"), axis=1)  # (B, T) real steps up to each
+    source = ops.take_along_axis(_in_order(mask), ops.maximum(count - 1, 0), axis=1)
     index = ops.repeat(source[..., None], outputs.shape[-1], axis=-1)  # (B, T, O)
     carried = ops.take_along_axis(outputs, index, axis=1)
-    return ops.where((count > 0)[..., None], carried, ops.cast(before, carried.dtype)[:, None])
+    if starts is None:
+        seen, first = count > 0, ops.ones_like(mask)
+    else:
+        # Real steps before a step's segment: the count just before the segment's first token.
+        segment = ops.cumsum(ops.cast(starts, "int32"), axis=1)  # (B, T) starts up to each
+        start = ops.take_along_axis(_in_order(starts), ops.maximum(segment - 1, 0), axis=1)
+        before_segment = ops.take_along_axis(count - ops.cast(mask, "int32"), start, axis=1)
+        first = segment == 0
+        seen = count > ops.where(first, 0, before_segment)
+    otherwise = ops.where(
+        first[..., None], ops.cast(before, carried.dtype)[:, None], ops.zeros_like(carried)
+    )
+    return ops.where(seen[..., None], carried, otherwise), seen, first
 
 
 class ParallelRNN(keras.layers.RNN):
@@ -154,20 +182,29 @@ class ParallelRNN(keras.layers.RNN):
             cell.width_pending = False
         self.method = method
         self.supports_masking = True
+        self._segment_ids = None
 
-    def build(self, sequences_shape, initial_state_shape=None):
+    def build(self, sequences_shape, initial_state_shape=None, segment_ids_shape=None):
         _check_sequences_shape(self, sequences_shape)
         super().build(sequences_shape, initial_state_shape)
         # keras.layers.RNN copies the cell's state sizes when constructed; the previous output's
         # size is known only once the cell is built.
         self.state_size = list(self.cell.state_size)
 
-    def call(self, sequences, initial_state=None, mask=None, training=False):
+    def call(self, sequences, initial_state=None, mask=None, training=False, segment_ids=None):
         check_float(self, sequences)
         _check_sequences_shape(self, sequences.shape)
         batch, steps = sequences.shape[0], sequences.shape[1]
         if mask is not None:
             check_shape("mask", mask.shape, (batch, steps), "(batch_size, timesteps)")
+        if segment_ids is not None:
+            check_shape("segment_ids", segment_ids.shape, (batch, steps), "(batch_size, timesteps)")
+            dtype = keras.backend.standardize_dtype(segment_ids.dtype)
+            if "int" not in dtype:
+                raise ValueError(
+                    f"Layer '{self.name}' expects integer `segment_ids`, one segment id per "
+                    f"token. Received: segment_ids.dtype={dtype}"
+                )
         if initial_state is not None:
             states = initial_state if isinstance(initial_state, (list, tuple)) else [initial_state]
             expected = [(batch, size) for size in self.cell.state_size]
@@ -178,20 +215,33 @@ class ParallelRNN(keras.layers.RNN):
                 )
             for name, state, shape in zip(("y", "c"), states, expected):
                 check_shape(f"initial_state.{name}", state.shape, shape, "(batch_size, size)")
-        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
+        # keras.layers.RNN.call hands `inner_loop` the sequences, state, mask and training only;
+        # the segment ids of this call wait here for it.
+        self._segment_ids = segment_ids
+        try:
+            return super().call(
+                sequences, initial_state=initial_state, mask=mask, training=training
+            )
+        finally:
+            self._segment_ids = None
 
-    def compute_output_shape(self, sequences_shape, initial_state_shape=None):
+    def compute_output_shape(
+        self, sequences_shape, initial_state_shape=None, segment_ids_shape=None
+    ):
         # Answers from the input shape before the cell is built, as keras.layers.LSTM does.
         learn_width(self.cell, sequences_shape)
         self.state_size = list(self.cell.state_size)
         return super().compute_output_shape(sequences_shape, initial_state_shape)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        if not training and plumbing.runs_eagerly_on_jax(sequences, initial_state, mask):
-            return self._eager_inner_loop(sequences, initial_state, mask)
-        return self._inner_loop(sequences, initial_state, mask, training)
+        segment_ids = self._segment_ids
+        if not training and plumbing.runs_eagerly_on_jax(
+            sequences, initial_state, mask, segment_ids
+        ):
+            return self._eager_inner_loop(sequences, initial_state, mask, segment_ids)
+        return self._inner_loop(sequences, initial_state, mask, training, segment_ids)
 
-    def _eager_inner_loop(self, sequences, initial_state, mask):
+    def _eager_inner_loop(self, sequences, initial_state, mask, segment_ids):
         """`_inner_loop` of an eager call on JAX, as one program per length bucket.
 
         Op by op, every new length compiles each of the layer's primitives again and JAX keeps
@@ -202,35 +252,38 @@ class ParallelRNN(keras.layers.RNN):
         (`keras_aaren.ops.set_eager_program_limit`). The weights enter as arguments, so the
         program follows them as they change.
         """
-        batch, steps = sequences.shape[0], sequences.shape[1]
-        pad = plumbing.padded_length(steps, DEFAULT_CHUNK_SIZE) - steps
-        mask = ops.ones((batch, steps), "bool") if mask is None else ops.cast(mask, "bool")
-        where = (pad, 0) if self.go_backwards else (0, pad)
-        sequences = ops.pad(sequences, ((0, 0), where, (0, 0)))
-        mask = ops.pad(mask, ((0, 0), where), constant_values=False)
+        steps = sequences.shape[1]
+        (sequences,), mask, segment_ids = plumbing.pad_to_bucket(
+            (sequences,), mask, segment_ids, DEFAULT_CHUNK_SIZE, front=self.go_backwards
+        )
         variables = list(self.cell.variables)
 
-        def run(values, sequences, initial_state, mask):
+        def run(values, sequences, initial_state, mask, segment_ids):
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return self._inner_loop(sequences, initial_state, mask, False)
+                return self._inner_loop(sequences, initial_state, mask, False, segment_ids)
 
         signature = tuple(
-            (tuple(x.shape), keras.backend.standardize_dtype(x.dtype))
-            for x in (sequences, *initial_state)
+            None if x is None else (tuple(x.shape), keras.backend.standardize_dtype(x.dtype))
+            for x in (sequences, segment_ids, *initial_state)
         )
         program = plumbing.eager_program(run, (id(self), signature))
-        _, outputs, states = program([v.value for v in variables], sequences, initial_state, mask)
+        values = [v.value for v in variables]
+        _, outputs, states = program(values, sequences, initial_state, mask, segment_ids)
+        # With go_backwards the padding came first, and so it ends the flipped outputs.
         outputs = outputs[:, :steps]
         return outputs[:, -1], outputs, states
 
-    def _inner_loop(self, sequences, initial_state, mask, training):
-        if self.method == "sequential":
+    def _inner_loop(self, sequences, initial_state, mask, training, segment_ids=None):
+        # keras.layers.RNN's step loop knows no segments; with them, the cell's parallel form
+        # runs its own sequential scan.
+        if self.method == "sequential" and segment_ids is None:
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if mask is not None:
             mask = ops.cast(mask, "bool")
         if self.go_backwards:
             sequences = ops.flip(sequences, axis=1)
             mask = None if mask is None else ops.flip(mask, axis=1)
+            segment_ids = None if segment_ids is None else ops.flip(segment_ids, axis=1)
         # The previous output (B, O), then the states the cell's parallel form takes.
         previous, *states = initial_state
         outputs, states = self.cell.call_sequence(
@@ -240,6 +293,7 @@ class ParallelRNN(keras.layers.RNN):
             method=self.method,
             last_only=not self.return_sequences and mask is None,
             training=training,
+            segment_ids=segment_ids,
         )  # (B, T or 1, O)
         if mask is None:
             last = outputs[:, -1]
@@ -250,10 +304,14 @@ class ParallelRNN(keras.layers.RNN):
             # that (a block's residual sees the masked token's input), so carry the last real
             # output forward. The state keeps the last real output, or the incoming one if the
             # call saw no real token.
+            # With segments, the same within each segment, which starts from nothing seen.
             before = output_before_first_real_step(previous)
-            carried = _carry_last_real(outputs, mask, before)
-            seen = ops.any(mask, axis=1)[:, None]  # (B, 1)
-            last = ops.where(seen, carried[:, -1], ops.cast(previous, carried.dtype))
+            starts = None if segment_ids is None else segment_starts(segment_ids)
+            carried, seen, first = _carry_last_real(outputs, mask, before, starts)
+            incoming = ops.where(
+                first[:, -1:], ops.cast(previous, carried.dtype), ops.zeros_like(carried[:, -1])
+            )
+            last = ops.where(seen[:, -1:], carried[:, -1], incoming)
             if self.zero_output_for_mask:
                 outputs = ops.where(mask[..., None], outputs, ops.zeros_like(outputs))
             else:

@@ -179,6 +179,38 @@ def padded_length(length, multiple):
     return max(multiple, 1 << max(0, length - 1).bit_length())
 
 
+def pad_to_bucket(tensors, mask, segment_ids, multiple, front=False):
+    """Sequences padded along time (axis 1) up to their bucket, `padded_length(T, multiple)`.
+
+    The padding is masked, and continues its neighbouring segment, so it changes neither the
+    real tokens' outputs nor the final state of a scan that runs from front to back (with
+    `front=True`, the padding goes first, for a scan that runs backwards).
+
+    Args:
+        tensors: sequences `(B, T, ...)`, padded with zeros.
+        mask: bool `(B, T)` or None (all real).
+        segment_ids: int `(B, T)` or None.
+        multiple: the smallest bucket.
+        front: pad before the first token instead of after the last.
+
+    Returns:
+        A tuple `(tensors, mask, segment_ids)`, padded; `mask` is never None.
+    """
+    batch, steps = tensors[0].shape[0], tensors[0].shape[1]
+    pad = padded_length(steps, multiple) - steps
+    mask = ops.ones((batch, steps), "bool") if mask is None else ops.cast(mask, "bool")
+    where = (pad, 0) if front else (0, pad)
+
+    def widths(x):
+        return ((0, 0), where, *((0, 0),) * (len(x.shape) - 2))
+
+    tensors = [ops.pad(x, widths(x)) for x in tensors]
+    mask = ops.pad(mask, widths(mask), constant_values=False)
+    if segment_ids is not None:
+        segment_ids = ops.pad(segment_ids, widths(segment_ids), mode="edge")
+    return tensors, mask, segment_ids
+
+
 def eager_program(fn, key):
     """The compiled program of `fn` for `key`, compiled on first use, most recently used kept.
 

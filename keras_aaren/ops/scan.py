@@ -153,16 +153,9 @@ def _eager_scan(scores, values, initial_state, mask, segment_ids, method, chunk_
     the real tokens nor the final state.
     """
     steps = scores.shape[1]
-    pad = plumbing.padded_length(steps, chunk_size) - steps
-    if mask is None:
-        mask = ops.ones(scores.shape[:2], "bool")
-    if pad:
-        scores = ops.pad(scores, ((0, 0), (0, pad), (0, 0)))
-        values = ops.pad(values, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        mask = ops.pad(ops.cast(mask, "bool"), ((0, 0), (0, pad)), constant_values=False)
-        if segment_ids is not None:
-            last = ops.repeat(segment_ids[:, -1:], pad, axis=1)
-            segment_ids = ops.concatenate([segment_ids, last], axis=1)
+    (scores, values), mask, segment_ids = plumbing.pad_to_bucket(
+        (scores, values), mask, segment_ids, chunk_size
+    )
 
     def run(scores, values, initial_state, mask, segment_ids):
         return _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids)

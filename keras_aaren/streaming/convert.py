@@ -312,8 +312,25 @@ def _check_step_inputs(step_model, x, states, tokens_per_call):
         raise ValueError(f"`states` must have shapes {expected_states}. Received: {received}")
 
 
+def _reset_rows(states, reset, batch_size):
+    """`states` with the rows where `reset` is True set to nothing seen (zeros)."""
+    dtype = keras.backend.standardize_dtype(getattr(reset, "dtype", np.asarray(reset).dtype))
+    if tuple(np.shape(reset)) != (batch_size,) or dtype != "bool":
+        raise ValueError(
+            f"`reset` must be a boolean array of shape ({batch_size},), one flag per stream. "
+            f"Received: reset.shape={tuple(np.shape(reset))}, reset.dtype={dtype}"
+        )
+    keep = keras.ops.logical_not(keras.ops.convert_to_tensor(reset))
+    return [
+        keras.ops.where(
+            keras.ops.reshape(keep, (-1,) + (1,) * (len(s.shape) - 1)), s, keras.ops.zeros_like(s)
+        )
+        for s in states
+    ]
+
+
 def make_step_function(model, batch_size, jit_compile=None, tokens_per_call=1):
-    """`step(x_t, states) -> (y_t, new_states)`, compiled once, for serving a stream.
+    """`step(x_t, states, reset=None) -> (y_t, new_states)`, compiled once, for serving streams.
 
     A small model's step costs little beside the cost of calling it. When several tokens are at
     hand together (a Decision Transformer's return, state and action tokens of one timestep, a
@@ -329,15 +346,21 @@ def make_step_function(model, batch_size, jit_compile=None, tokens_per_call=1):
             is one token `(batch_size, features)` and `y_t` its output; with more, `x_t` is
             `(batch_size, tokens_per_call, features)` and `y_t` stacks the outputs on axis 1.
 
+    A server that runs `batch_size` streams side by side starts a new stream in some rows
+    without touching the others with `reset`, a boolean `(batch_size,)` that is True for the
+    rows whose state starts again from nothing seen before this call's tokens, as a new segment
+    does in a packed row (`segment_ids`).
+
     Returns:
-        A function `step(x_t, states)`, with the step model as `step.model` and
+        A function `step(x_t, states, reset=None)`, with the step model as `step.model` and
         `step.initial_states()` for a new stream. On TensorFlow it is a `tf.function` traced
         once for its fixed shapes, on JAX a `jax.jit` of the step model's stateless call; on
         other backends it calls the step model directly.
 
     Raises:
         ValueError: as `make_step_model`; if `tokens_per_call` is not a positive integer; when
-            called, if `x_t` or `states` has the wrong shape.
+            called, if `x_t`, `states` or `reset` has the wrong shape, or `reset` is not
+            boolean.
 
     Examples:
         >>> import numpy as np
@@ -429,9 +452,12 @@ def make_step_function(model, batch_size, jit_compile=None, tokens_per_call=1):
     else:
         call = run
 
-    def step(x, states):
+    def step(x, states, reset=None):
         _check_step_inputs(step_model, x, states, tokens_per_call)
-        return call(x, list(states))
+        states = list(states)
+        if reset is not None:
+            states = _reset_rows(states, reset, batch_size)
+        return call(x, states)
 
     step.model = step_model
     step.initial_states = lambda: initial_states(step_model)

@@ -56,6 +56,44 @@ def test_step_function_matches_parallel(model_and_data):
     assert_close(np.stack(outputs, axis=1), expected)
 
 
+def test_step_reset_starts_a_new_stream_in_one_row(model_and_data):
+    # Each row runs its own stream; a reset in one row starts that row afresh (its outputs are
+    # the model's on the new sequence alone) and leaves the other rows' streams as they were.
+    model, x, expected = model_and_data
+    fresh = data(BATCH, STEPS, 3, seed=2)
+    reset_at = 5
+    reset = np.zeros(BATCH, bool)
+    reset[0] = True
+    step = streaming.make_step_function(model, BATCH)
+    states = step.initial_states()
+    outputs = []
+    for t in range(STEPS):
+        source = x[:, t].copy()
+        if t >= reset_at:
+            source[0] = fresh[0, t - reset_at]
+        y, states = step(source, states, reset=reset if t == reset_at else None)
+        outputs.append(to_numpy(y))
+    outputs = np.stack(outputs, axis=1)
+    assert_close(outputs[1:], expected[1:], what="rows left alone")
+    assert_close(outputs[0, :reset_at], expected[0, :reset_at], what="row 0 before its reset")
+    restarted = to_numpy(model(fresh[:1, : STEPS - reset_at]))[0]
+    assert_close(outputs[0, reset_at:], restarted, what="row 0 after its reset")
+
+
+@pytest.mark.parametrize(
+    "reset, match",
+    [
+        (np.zeros(BATCH + 1, bool), r"`reset` must be a boolean array of shape"),
+        (np.zeros(BATCH, "int32"), r"`reset` must be a boolean array.*int32"),
+    ],
+    ids=["wrong-size", "integers"],
+)
+def test_step_reset_checks_its_argument(reset, match):
+    step = streaming.make_step_function(sequential_blocks(), BATCH)
+    with pytest.raises(ValueError, match=match):
+        step(np.zeros((BATCH, 3), "float32"), step.initial_states(), reset=reset)
+
+
 def _stream_steps(step, x):
     """The step's outputs for `x` fed token by token from zero states, and the final states."""
     states = step.initial_states()
