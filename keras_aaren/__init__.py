@@ -2,7 +2,7 @@
 
 __version__ = "1.0.0"
 
-from keras_aaren import ops, streaming
+from keras_aaren import distribution, ops, streaming
 from keras_aaren.layers import Aaren, AarenBlock, AarenBlockCell, AarenCell
 from keras_aaren.packing import PackedRows, PackedSequences, pack_sequences, unpack_sequences
 from keras_aaren.streaming import reset_states
@@ -12,6 +12,7 @@ __all__ = [
     "AarenBlock",
     "AarenBlockCell",
     "AarenCell",
+    "distribution",
     "ops",
     "streaming",
     "packing",

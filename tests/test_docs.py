@@ -12,10 +12,11 @@ import subprocess
 import sys
 import threading
 
+import keras
 import pytest
 
 import keras_aaren
-from keras_aaren import ops, streaming
+from keras_aaren import ops, packing, streaming
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +25,7 @@ PUBLIC = {
     "AarenBlockCell": keras_aaren.AarenBlockCell,
     **{name: getattr(ops, name) for name in ops.__all__ if name != "METHODS"},
     **{name: getattr(streaming, name) for name in streaming.__all__},
+    **{name: getattr(packing, name) for name in packing.__all__},
 }
 
 CHROMIUM = shutil.which("chromium")
@@ -50,9 +52,13 @@ def test_public_docstring_has_every_section(name):
     doc = inspect.getdoc(obj) or ""
     # A function without parameters has nothing to list under Args (griffe refuses a made-up one).
     takes_arguments = inspect.isclass(obj) or bool(inspect.signature(obj).parameters)
-    sections = ["Args:"] * takes_arguments + ["Returns:", "Examples:"]
-    if inspect.isclass(obj):
-        sections.append("Call arguments:")
+    sections = ["Args:"] * takes_arguments + ["Examples:"]
+    # A layer documents its call as Keras' layers do; a function what it returns; other classes
+    # (the packed data and its PyDataset) their constructor's arguments.
+    if inspect.isclass(obj) and issubclass(obj, keras.layers.Layer):
+        sections += ["Call arguments:", "Returns:"]
+    elif not inspect.isclass(obj):
+        sections.append("Returns:")
     missing = [section for section in sections if section not in doc]
     assert not missing, f"{name} lacks {missing}"
     # The example is a doctest (the test run executes it with --doctest-modules).

@@ -8,6 +8,7 @@ the O(T²) oracle they are tested against, and `backend` compiles them.
 from keras import backend, ops
 
 from keras_aaren.ops import backend as plumbing
+from keras_aaren.ops import context_parallel
 from keras_aaren.ops.associative import scan_associative
 from keras_aaren.ops.chunked import DEFAULT_CHUNK_SIZE, scan_chunked
 from keras_aaren.ops.recurrence import identity_state, scan_dtype, scan_sequential
@@ -143,6 +144,14 @@ def aaren_scan(
     args = (scores, values, initial_state, mask, segment_ids)
     if plumbing.runs_eagerly_on_jax(*args):
         return _eager_scan(*args, method, chunk_size)
+    # Under keras_aaren.distribution.ContextParallel the time axis is split across devices.
+    distribution = context_parallel.active_distribution()
+    if distribution is not None:
+
+        def local_scan(scores, values, initial_state, mask, segment_ids):
+            return _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids)
+
+        return context_parallel.scan_context_parallel(local_scan, *args, distribution)
     return _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids)
 
 
