@@ -9,7 +9,7 @@ Shape letters: B batch, T timesteps, H heads, D value dimension.
 
 from keras import ops
 
-from keras_aaren.ops.recurrence import aaren_combine, readout, token_leaves
+from keras_aaren.ops.recurrence import aaren_combine, combine_unless, readout, token_leaves
 
 
 def scan_associative(scores, values, state, mask, starts=None):
@@ -30,13 +30,12 @@ def scan_associative(scores, values, state, mask, starts=None):
         *prefix, _ = ops.associative_scan(combine_segments, (*leaves, flags), axis=1)
     # keras.ops.associative_scan on TensorFlow loses even the rank; give the leaves' shape back.
     prefix = tuple(ops.reshape(p, ops.shape(leaf)) for p, leaf in zip(prefix, leaves))
-    total = aaren_combine(tuple(x[:, None] for x in state), prefix)
-    if starts is not None:
+    start = tuple(x[:, None] for x in state)
+    if starts is None:
+        total = aaren_combine(start, prefix)
+    else:
         later = (ops.cumsum(ops.cast(starts, "int32"), axis=1) > 0)[..., None]  # (B, T, 1)
-        total = tuple(
-            ops.where(later if len(x.shape) == 3 else later[..., None], p, x)
-            for p, x in zip(prefix, total)
-        )
+        total = combine_unless(later, start, prefix)
     final = tuple(x[:, -1] for x in total)
     return readout(total), final
 
@@ -45,10 +44,5 @@ def combine_segments(a, b):
     """⊕ on leaves `(m, u, w, started)`: `b` alone where a segment starts in it."""
     *state_a, started_a = a
     *state_b, started_b = b
-    combined = aaren_combine(state_a, state_b)
-    restart = started_b > 0
-    state = tuple(
-        ops.where(restart if len(x.shape) == len(restart.shape) else restart[..., None], y, x)
-        for x, y in zip(combined, state_b)
-    )
+    state = combine_unless(started_b > 0, state_a, state_b)
     return (*state, ops.maximum(started_a, started_b))

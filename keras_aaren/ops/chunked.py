@@ -15,6 +15,7 @@ from keras import ops
 from keras_aaren.ops.backend import full_precision_matmuls, with_gradient
 from keras_aaren.ops.recurrence import (
     aaren_combine,
+    combine_unless,
     identity_state,
     lowest,
     readout,
@@ -157,15 +158,12 @@ def blocked_prefix(m, u, w, chunk_size, levels=DYNAMIC_LEVELS, resets=None):
         carry_resets = ops.concatenate([ops.zeros_like(inside[..., :1]), inside[..., :-1]], -1)
     carry_m, carry_u, carry_w = blocked_prefix(*carry_leaves, chunk_size, levels - 1, carry_resets)
     carry = (carry_m[..., None], carry_u[..., None], carry_w[..., None, :])
-    total = aaren_combine(carry, local)
-    if resets is not None:
+    if resets is None:
+        total = aaren_combine(carry, local)
+    else:
         # A row after a reset in its own chunk takes nothing from the chunks before.
         fresh = ops.cumsum(ops.cast(resets, "int32"), axis=-1) > 0  # (B, 1 or H, N, C)
-        total = (
-            ops.where(fresh, local[0], total[0]),
-            ops.where(fresh, local[1], total[1]),
-            ops.where(fresh[..., None], local[2], total[2]),
-        )
+        total = combine_unless(fresh, carry, local)
     m_tot, u_tot = (ops.reshape(x, (b, h, n * chunk_size))[:, :, :t] for x in total[:2])
     w_tot = ops.reshape(total[2], (b, h, n * chunk_size, d))[:, :, :t]
     return m_tot, u_tot, w_tot
@@ -178,14 +176,11 @@ def seeded(start, prefix, resets):
     resets: (B, 1, T) bool or None.
     """
     m0, u0, w0 = start
-    total = aaren_combine((m0[..., None], u0[..., None], w0[:, :, None]), prefix)
+    start = (m0[..., None], u0[..., None], w0[:, :, None])
     if resets is None:
-        return total
+        return aaren_combine(start, prefix)
     later = ops.cumsum(ops.cast(resets, "int32"), axis=-1) > 0  # (B, 1, T)
-    return tuple(
-        ops.where(later if len(x.shape) == 3 else later[..., None], p, x)
-        for p, x in zip(prefix, total)
-    )
+    return combine_unless(later, start, prefix)
 
 
 def chunked_forward(scores, values, start, mask, chunk_size, resets=None):

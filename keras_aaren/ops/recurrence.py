@@ -98,6 +98,24 @@ def aaren_combine(state_a, state_b):
     return m, u, w
 
 
+def combine_unless(restart, state_a, state_b):
+    """`state_a ⊕ state_b`, or `state_b` alone where `restart` (a segment starts within B).
+
+    The same work as ⊕: `restart` zeroes A's weight, so no tensor of B's full size
+    (`(..., H, D)`) is selected afterwards. restart: bool, broadcastable to the shape of m.
+    """
+    m_a, u_a, w_a = state_a
+    m_b, u_b, w_b = state_b
+    m_a = ops.where(restart, lowest(m_a.dtype), empty_as_identity(m_a, u_a))
+    m_b = empty_as_identity(m_b, u_b)
+    m = ops.stop_gradient(ops.maximum(m_a, m_b))
+    scale_a = ops.where(restart, 0.0, ops.exp(m_a - m))
+    scale_b = ops.exp(m_b - m)
+    u = u_a * scale_a + u_b * scale_b
+    w = w_a * scale_a[..., None] + w_b * scale_b[..., None]
+    return m, u, w
+
+
 def readout(state):
     """The output `w / u` of a state, and 0 for a state that has seen nothing.
 
