@@ -24,15 +24,27 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# A collective's line in an optimized HLO module: its result type (an array, or a tuple of
+# them), its kind; "-start" for the asynchronous form, whose tuple holds operands then results.
 COLLECTIVE = re.compile(
-    r"= (\S+) (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
-    r"(?:-start)?\("
+    r"= (.+?) (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start)?\("
 )
 
 
 def collectives(compiled_text):
-    """(kind, result shape) of every collective in an optimized HLO module."""
-    return sorted((kind, shape) for shape, kind in COLLECTIVE.findall(compiled_text))
+    """(kind, shape) of every array a collective of an optimized HLO module returns."""
+    found = []
+    for line in compiled_text.splitlines():
+        match = COLLECTIVE.search(line)
+        if match is None:
+            continue
+        result, kind, asynchronous = match.groups()
+        # Scalars (`u32[]`) are the asynchronous form's bookkeeping, not data.
+        arrays = re.findall(r"\w+\[[\d,]+\]", result)
+        if asynchronous:
+            arrays = arrays[len(arrays) // 2 :]
+        found += [(kind, shape) for shape in arrays]
+    return sorted(found)
 
 
 def scan_data(rng, batch, steps, shards):
@@ -223,8 +235,8 @@ def check_communication(devices, results):
 
 
 def dims(shape):
-    """The sizes in an HLO shape such as `f32[4,32,2]{2,1,0}`."""
-    return [int(x) for x in re.findall(r"\d+", shape.split("{")[0].split("[", 1)[1])]
+    """The sizes in an HLO shape such as `f32[4,32,2]`."""
+    return [int(x) for x in shape.split("[", 1)[1].rstrip("]").split(",")]
 
 
 def build_model(steps):

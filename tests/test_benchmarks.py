@@ -428,3 +428,38 @@ def test_lengths_benchmark_refuses_an_aaren_off_its_stepped_cell(tmp_path, capsy
     assert lengths.main(["--lengths", "3", "--output-dir", str(tmp_path)]) == 1
     assert "aaren/predict does not match keras.layers.RNN" in capsys.readouterr().out
     assert not (tmp_path / "lengths.json").exists()
+
+
+def test_context_parallel_benchmark_reads_collectives_from_hlo():
+    from benchmarks import context_parallel
+
+    text = (
+        "  %all-gather.1 = f32[4,8,2,18]{3,2,1,0} all-gather(%x), dimensions={0}\n"
+        "  %cp = (f32[1,8,2]{2,1,0}, f32[1,8,2]{2,1,0}, u32[]) collective-permute-start(%y)\n"
+        "  %ar = (f32[16,5]{1,0}, s32[3]{0}) all-reduce(%z, %w), to_apply=%add\n"
+        "  %dot = f32[4,8]{1,0} dot(%all-gather.1, %b)\n"
+    )
+    assert context_parallel.collectives(text) == [
+        ("all-gather", "f32[4,8,2,18]", 4 * 8 * 2 * 18 * 4),
+        ("all-reduce", "f32[16,5]", 16 * 5 * 4),
+        ("all-reduce", "s32[3]", 3 * 4),
+        ("collective-permute", "f32[1,8,2]", 8 * 2 * 4),
+    ]
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX only")
+def test_context_parallel_benchmark_measures_memory_and_exchange(tmp_path):
+    from benchmarks import context_parallel
+
+    tiny = ["--devices", "1", "2", "--lengths", "32", "64", "--what", "scan"]
+    sizes = ["--batch", "2", "--heads", "2", "--value-dim", "4"]
+    assert context_parallel.main([*tiny, *sizes, "--output-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "context_parallel.json").read_text())
+    assert record["protocol"]["oracle_max_error"] < common.ORACLE_TOLERANCE
+    rows = {(r["N"], r["T"]): r for r in record["results"]}
+    assert set(rows) == {(1, 32), (2, 32), (1, 64), (2, 64)}
+    assert rows[1, 64]["collective_bytes"] == 0
+    # Split in two, the scan exchanges the same few bytes at both lengths ...
+    assert 0 < rows[2, 32]["collective_bytes"] == rows[2, 64]["collective_bytes"] < 4096
+    # ... and each device plans for less memory than one device alone.
+    assert rows[2, 64]["peak_bytes"] < rows[1, 64]["peak_bytes"]
