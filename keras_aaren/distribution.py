@@ -21,10 +21,11 @@ class ContextParallel(keras.distribution.ModelParallel):
     Set it with `keras.distribution.set_distribution` (or enter its `scope()`) before building
     the model, then train as usual: `model.fit` places axis 1 (time) of each input on the mesh's
     sequence axis, and axis 0 (batch) on its batch axis if it has one, so each device holds
-    `1 / (sequence devices × batch devices)` of every batch. The per-token layers stay on their
-    shard; `keras_aaren.ops.aaren_scan` (every `Aaren` and `AarenBlock`) then runs on each shard
-    and exchanges only each shard's summary: `batch × heads × (2 + value_dim)` numbers, whatever
-    the length. Outputs, final states and gradients equal one device's to float rounding.
+    `1 / (sequence devices × batch devices)` of every batch. Keras' per-token layers (`Dense`,
+    `LayerNormalization`) compute on their shard; `keras_aaren.ops.aaren_scan` (the scan of every
+    `Aaren` and `AarenBlock`) runs on each shard and exchanges only each shard's summary:
+    `batch × heads × (2 + value_dim)` numbers, whatever the length. Outputs, final states and
+    gradients equal one device's to float rounding.
 
     Variables are replicated unless `layout_map` shards them (as for
     `keras.distribution.ModelParallel`, which this class extends).
@@ -47,15 +48,17 @@ class ContextParallel(keras.distribution.ModelParallel):
             the same axis for batch and sequence), or a `layout_map` on another mesh.
 
     Examples:
-        ```python
-        devices = keras.distribution.list_devices()  # e.g. 8
-        mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "sequence"], devices)
-        keras.distribution.set_distribution(
-            keras_aaren.distribution.ContextParallel(mesh, batch_dim_name="batch")
-        )
-        model = build_model()  # Aaren / AarenBlock layers, sequences of length T
-        model.fit(x, y, batch_size=16)  # each device: 8 sequences × T / 4 tokens
-        ```
+        A mesh of every device on the sequence axis (`DeviceMesh((2, 4), ["batch",
+        "sequence"], devices)` with `batch_dim_name="batch"` also splits the batch):
+
+        >>> import keras
+        >>> devices = keras.distribution.list_devices()
+        >>> mesh = keras.distribution.DeviceMesh((len(devices),), ["sequence"], devices)
+        >>> distribution = ContextParallel(mesh)
+        >>> distribution.get_data_layout((8, 4096, 16)).axes  # (batch, time, features)
+        (None, 'sequence', None)
+        >>> keras.distribution.set_distribution(distribution)  # then build, compile, fit
+        >>> keras.distribution.set_distribution(None)
     """
 
     def __init__(

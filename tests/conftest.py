@@ -65,6 +65,12 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.name.startswith("keras_aaren.streaming.export."):
                 item.add_marker(skip)
+    # keras.distribution, and so ContextParallel's docstring, runs on JAX only.
+    if keras.backend.backend() != "jax":
+        skip = pytest.mark.skip(reason="keras.distribution runs on JAX only")
+        for item in items:
+            if item.name.startswith("keras_aaren.distribution."):
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import keras
 import pytest
 
 import keras_aaren
-from keras_aaren import ops, packing, streaming
+from keras_aaren import distribution, ops, packing, streaming
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +26,7 @@ PUBLIC = {
     **{name: getattr(ops, name) for name in ops.__all__ if name != "METHODS"},
     **{name: getattr(streaming, name) for name in streaming.__all__},
     **{name: getattr(packing, name) for name in packing.__all__},
+    **{name: getattr(distribution, name) for name in distribution.__all__},
 }
 
 CHROMIUM = shutil.which("chromium")
