@@ -13,8 +13,8 @@ because the devices must be set up before JAX starts:
   sequence.
 * communication: the collectives of the compiled forward and backward program at two lengths
   (they must be the same), and the shape of one device's shard of the input.
-* model level: a model of `Aaren` and `AarenBlock` layers trained with `model.fit` under
-  `ContextParallel` against one device.
+* model level: a model of `Aaren` and `AarenBlock` layers on packed rows (`segment_ids`)
+  trained with `model.fit` under `ContextParallel` against one device.
 """
 
 import json
@@ -239,15 +239,21 @@ def dims(shape):
     return [int(x) for x in shape.split("[", 1)[1].rstrip("]").split(",")]
 
 
-def build_model(steps):
+def build_model(steps, segments=False):
+    """Dense, an AarenBlock, an Aaren layer, LayerNormalization and Dense; with `segments`, a
+    second input of segment ids that both Aaren layers read."""
     import keras
 
     from keras_aaren import Aaren, AarenBlock
 
-    inputs = keras.Input((steps, 5))
-    x = keras.layers.Dense(16)(inputs)
-    x = AarenBlock(2, 8, ffn_dim=32, dropout=0.0, return_sequences=True)(x)
-    x = Aaren(2, 8, return_sequences=True)(x)
+    inputs = [keras.Input((steps, 5))]
+    packed = {}
+    if segments:
+        inputs.append(keras.Input((steps,), dtype="int32"))
+        packed = {"segment_ids": inputs[1]}
+    x = keras.layers.Dense(16)(inputs[0])
+    x = AarenBlock(2, 8, ffn_dim=32, dropout=0.0, return_sequences=True)(x, **packed)
+    x = Aaren(2, 8, return_sequences=True)(x, **packed)
     outputs = keras.layers.Dense(3)(keras.layers.LayerNormalization()(x))
     model = keras.Model(inputs, outputs)
     # Plain SGD: its step scales with the gradient, so a shard whose gradient were lost shows.
@@ -256,7 +262,9 @@ def build_model(steps):
 
 
 def check_model(devices, meshes, results):
-    """`model.fit` under `ContextParallel` against one device: the weights after 4 SGD steps."""
+    """`model.fit` under `ContextParallel` against one device: the weights after 4 SGD steps,
+    on rows that pack several sequences (segments that start on a shard border, inside a
+    shard, and span several shards)."""
     import contextlib
 
     import keras
@@ -266,6 +274,8 @@ def check_model(devices, meshes, results):
     steps = 4 * shards
     rng = np.random.default_rng(2)
     x = rng.normal(size=(16, steps, 5)).astype("float32")
+    ids = np.cumsum(rng.random((16, steps)) < 0.15, axis=1).astype("int32")
+    ids[:, 4:] += 100  # every row: a segment starting on the first shard border
     # Per-token targets that need the past: a running mean and a running max.
     y = np.stack(
         [
@@ -279,9 +289,9 @@ def check_model(devices, meshes, results):
     def train(distribution):
         with contextlib.nullcontext() if distribution is None else distribution.scope():
             keras.utils.set_random_seed(0)
-            model = build_model(steps)
+            model = build_model(steps, segments=True)
             initial = model.get_weights()
-            model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+            model.fit([x, ids], y, batch_size=8, epochs=2, shuffle=False, verbose=0)
             return initial, model.get_weights()
 
     initial, one = train(None)
