@@ -252,7 +252,7 @@ def build_model(steps, segments=False):
         inputs.append(keras.Input((steps,), dtype="int32"))
         packed = {"segment_ids": inputs[1]}
     x = keras.layers.Dense(16)(inputs[0])
-    x = AarenBlock(2, 8, ffn_dim=32, dropout=0.0, return_sequences=True)(x, **packed)
+    x = AarenBlock(2, 8, ffn_dim=24, dropout=0.0, return_sequences=True)(x, **packed)
     x = Aaren(2, 8, return_sequences=True)(x, **packed)
     outputs = keras.layers.Dense(3)(keras.layers.LayerNormalization()(x))
     model = keras.Model(inputs, outputs)

@@ -88,11 +88,6 @@ def test_scan_exchanges_summaries_not_tokens():
 
 
 @jax_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="Aaren's projections and AarenBlock's LayerNormalization flatten (batch, time) into "
-    "one axis, which XLA cannot keep split along time, so it gathers the layer's tokens",
-)
 def test_model_exchanges_summaries_not_tokens():
     results = checks(4)
     assert results["model_communication/moves_tokens"] == []

@@ -21,6 +21,7 @@ from keras_aaren.layers.base import (
     ParallelRNN,
     check_float,
     check_token_shape,
+    token_matmul,
 )
 from keras_aaren.ops import aaren_scan, aaren_step
 from keras_aaren.ops.recurrence import scan_dtype
@@ -212,26 +213,24 @@ class AarenCell(AttentionCell):
             score_bias = ops.sum(ops.cast(self.key_bias, score_dtype) * query, axis=-1)
         value_kernel = ops.reshape(self.value_kernel, (self.input_dim, -1))
         lead = tuple(ops.shape(inputs)[:-1])
-        # Two 2-D matmuls over the flattened tokens. TensorFlow differentiates a 3-D-by-2-D
-        # matmul with a batched kernel gradient, and the slices of one joint product of scores
-        # and values with padded gradients, both slower than these two plain products.
-        flat = ops.reshape(inputs, (-1, self.input_dim))  # (B * T, F)
-        scores = ops.matmul(ops.cast(flat, score_dtype), score_kernel)  # (B * T, H)
-        values = ops.matmul(flat, value_kernel)  # (B * T, H * D)
+        # Two products rather than one joint product of scores and values: TensorFlow
+        # differentiates the slices of a joint product with padded gradients.
+        scores = token_matmul(ops.cast(inputs, score_dtype), score_kernel)  # (..., H)
+        values = token_matmul(inputs, value_kernel)  # (..., H * D)
         if self.use_bias:
             scores = scores + score_bias
             values = values + ops.reshape(self.value_bias, (-1,))
-        return ops.reshape(scores, lead + (heads,)), ops.reshape(values, lead + (heads, value_dim))
+        return scores, ops.reshape(values, lead + (heads, value_dim))
 
     def output_projection(self, attended):
         """The output of attended values: `(..., H, D)` -> `(..., O)`."""
         lead = tuple(ops.shape(attended)[:-2])
-        flat = ops.reshape(attended, (-1, self.num_heads * self.value_dim))  # (B * T, H * D)
+        attended = ops.reshape(attended, lead + (self.num_heads * self.value_dim,))
         kernel = ops.reshape(self.output_kernel, (self.num_heads * self.value_dim, -1))
-        outputs = ops.matmul(flat, kernel)
+        outputs = token_matmul(attended, kernel)
         if self.use_bias:
             outputs = outputs + self.output_bias
-        return ops.reshape(outputs, lead + (kernel.shape[-1],))
+        return outputs
 
     def unflatten_state(self, states):
         """The state `[c]` after the previous output -> the paper's `(m, u, w)`.

@@ -21,6 +21,7 @@ from keras_aaren.layers.base import (
     ParallelRNN,
     check_float,
     check_token_shape,
+    splits_time,
 )
 
 # The arguments of the block cell after `num_heads` and `key_dim`.
@@ -215,6 +216,18 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         rank it was built for."""
         if len(x.shape) == 2:
             return norm(x)
+        if splits_time():
+            # Flattened, the tokens would lose their split across devices (see
+            # `base.token_matmul`): the norm's own operation, over the last axis, on its weights.
+            outputs = ops.layer_normalization(
+                ops.cast(x, norm.compute_dtype),
+                norm.gamma,
+                norm.beta,
+                axis=-1,
+                epsilon=norm.epsilon,
+                rms_scaling=norm.rms_scaling,
+            )
+            return ops.cast(outputs, norm.compute_dtype)
         lead = tuple(ops.shape(x)[:-1])
         flat = norm(ops.reshape(x, (-1, self.input_dim)))
         return ops.reshape(flat, lead + (self.input_dim,))

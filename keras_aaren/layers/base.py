@@ -10,9 +10,31 @@ from keras import ops
 from keras_aaren.compat import output_before_first_real_step
 from keras_aaren.layers.arguments import resolve, serialize
 from keras_aaren.ops import backend as plumbing
+from keras_aaren.ops import context_parallel
 from keras_aaren.ops.chunked import DEFAULT_CHUNK_SIZE
 from keras_aaren.ops.scan import check_method, segment_starts
 from keras_aaren.validation import check_positive_int, check_shape
+
+
+def splits_time():
+    """Whether the sequences being traced are split along time across devices: a
+    `keras_aaren.distribution.ContextParallel` with more than one sequence shard, on JAX."""
+    return context_parallel.active_distribution() is not None
+
+
+def token_matmul(x, kernel):
+    """`(..., F) @ (F, K)` for every token, as a 2-D product over the flattened tokens.
+
+    TensorFlow differentiates a 3-D-by-2-D matmul with a batched kernel gradient, slower than
+    the plain product of the flattened tokens. When `ContextParallel` splits time across
+    devices, the flattened axis cannot keep that split (time is its minor part), and XLA would
+    gather every token onto every device; there the product keeps the sequence's axes.
+    """
+    if len(x.shape) <= 2 or splits_time():
+        return ops.matmul(x, kernel)
+    lead = tuple(ops.shape(x)[:-1])
+    flat = ops.matmul(ops.reshape(x, (-1, x.shape[-1])), kernel)
+    return ops.reshape(flat, lead + (kernel.shape[-1],))
 
 
 def check_float(layer, inputs):
