@@ -382,6 +382,11 @@ class Aaren(ParallelRNN):
         mask: optional boolean tensor `(batch_size, timesteps)`, True for a real token; masked
             tokens change neither the state nor the output.
         training: bool, training or inference mode.
+        segment_ids: optional integer tensor `(batch_size, timesteps)` for sequences packed
+            in one row (`keras_aaren.pack_sequences`): a token whose id differs from the
+            previous token's starts a new sequence from nothing seen, so each gets the outputs
+            it gets alone. `initial_state` seeds the first segment; the final state is the
+            last segment's.
 
     Returns:
         `(batch_size, timesteps, output_dim)` if `return_sequences`, else
@@ -390,8 +395,9 @@ class Aaren(ParallelRNN):
     Raises:
         ValueError: for a non-positive `num_heads`, `key_dim`, `value_dim` or `output_dim`, an
             unknown `method`, an input that is not `(batch_size, timesteps, features)` with known
-            `features`, a sequence of no timesteps, integer inputs, or a `mask` or
-            `initial_state` whose shape does not match.
+            `features`, a sequence of no timesteps, integer inputs, a `mask`, `segment_ids`
+            or `initial_state` whose shape does not match, or `segment_ids` that are not
+            integers.
 
     Examples:
         >>> import numpy as np

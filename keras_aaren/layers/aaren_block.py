@@ -349,6 +349,8 @@ class AarenBlock(ParallelRNN):
             with `return_state=True`.
         mask: optional boolean tensor `(batch_size, timesteps)`.
         training: bool, whether dropout is active.
+        segment_ids: optional integer tensor `(batch_size, timesteps)` for sequences packed in
+            one row, as for `Aaren`; the block's per-token parts need nothing more.
 
     Returns:
         `(batch_size, timesteps, width)` (or `(batch_size, width)` without `return_sequences`),
@@ -356,7 +358,8 @@ class AarenBlock(ParallelRNN):
 
     Raises:
         ValueError: as `AarenBlockCell`, plus an unknown `method`, a non-float or wrongly shaped
-            input, or a `mask` or `initial_state` of the wrong shape.
+            input, a `mask`, `segment_ids` or `initial_state` of the wrong shape, or
+            `segment_ids` that are not integers.
 
     Examples:
         >>> import numpy as np
