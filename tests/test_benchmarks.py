@@ -463,3 +463,26 @@ def test_context_parallel_benchmark_measures_memory_and_exchange(tmp_path):
     assert 0 < rows[2, 32]["collective_bytes"] == rows[2, 64]["collective_bytes"] < 4096
     # ... and each device plans for less memory than one device alone.
     assert rows[2, 64]["peak_bytes"] < rows[1, 64]["peak_bytes"]
+
+
+@measured_backend
+def test_packing_benchmark_smoke(tmp_path):
+    pytest.importorskip("aeon")
+    packing = importlib.import_module("benchmarks.packing")
+    assert packing.main(["--quick", "--output-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "packing.json").read_text())
+    # The packed model, given the padded model's weights, predicted every test series alike.
+    assert record["protocol"]["equivalence_error"] <= packing.TOLERANCE
+    padded, packed = record["results"]["padded"], record["results"]["packed"]
+    # The same series, so the same real tokens; packed rows hold them in fewer computed tokens.
+    assert (
+        padded["real_tokens"] == packed["real_tokens"] == sum(record["protocol"]["train_lengths"])
+    )
+    assert packed["tokens"] < padded["tokens"]
+    assert padded["steps_per_epoch"] == packed["steps_per_epoch"]
+    for row in (padded, packed):
+        assert row["seconds_per_epoch"] > 0 and 0 <= row["test_accuracy_mean"] <= 1
+    assert len(record["runs"]["packed"][0]["epoch_seconds"]) == packing.QUICK["epochs"]
+    assert set(record["equal_rows_step_ms"]) == set(packing.MODES)
+    assert set(record["targets"]) == {"packed_over_padded_epoch_time", "accuracy_difference"}
+    assert (tmp_path / "packing.png").stat().st_size > 0
