@@ -102,14 +102,17 @@ def combine_unless(restart, state_a, state_b):
     """`state_a ⊕ state_b`, or `state_b` alone where `restart` (a segment starts within B).
 
     The same work as ⊕: `restart` zeroes A's weight, so no tensor of B's full size
-    (`(..., H, D)`) is selected afterwards. restart: bool, broadcastable to the shape of m.
+    (`(..., H, D)`) is selected afterwards. Where it restarts, the running max is B's, and A's
+    exponent is capped at 0 so that a larger max of A cannot overflow before it is zeroed.
+    restart: bool, broadcastable to the shape of m.
     """
     m_a, u_a, w_a = state_a
     m_b, u_b, w_b = state_b
-    m_a = ops.where(restart, lowest(m_a.dtype), empty_as_identity(m_a, u_a))
+    m_a = empty_as_identity(m_a, u_a)
     m_b = empty_as_identity(m_b, u_b)
-    m = ops.stop_gradient(ops.maximum(m_a, m_b))
-    scale_a = ops.where(restart, 0.0, ops.exp(m_a - m))
+    m = ops.stop_gradient(ops.where(restart, m_b, ops.maximum(m_a, m_b)))
+    keep = ops.cast(ops.logical_not(restart), m.dtype)
+    scale_a = ops.exp(ops.minimum(m_a - m, 0.0)) * keep
     scale_b = ops.exp(m_b - m)
     u = u_a * scale_a + u_b * scale_b
     w = w_a * scale_a[..., None] + w_b * scale_b[..., None]
