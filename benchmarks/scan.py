@@ -17,8 +17,10 @@ reduction over them can cost. Each is timed from two callers, alike for both:
   `jnp.cumsum` as one compiled op) and a caller's `jax.jit`. Each call waits for the device to
   finish.
 
-With `--segment-length N`, the scan runs on packed rows: `segment_ids` start a new segment every
-N tokens (`aaren_scan(..., segment_ids=...)`), to set beside a run without.
+With `--segment-length N`, the scan also runs on packed rows, timed beside the scan without
+them by the same caller in the same process: `segment_ids` (an input of the caller, as in
+training) start a new segment every N tokens (`aaren_scan(..., segment_ids=...)`), and the
+ratio packed / scan is the cost of the segments.
 
 The table reports medians of `--repeats` calls and the ratio scan / cumsum, and each call's
 median count of minor page faults (fresh memory the OS had to hand over, see
@@ -64,29 +66,35 @@ def oracle_error(scan, segment_length=None):
     return float(np.abs(keras.ops.convert_to_numpy(got) - np.asarray(expected)).max())
 
 
-def callers(scan):
-    """`[(caller, cumsum, scan)]`: the two ways each is called on this backend."""
+def callers():
+    """`[(caller, compile)]`: the two ways a function is called on this backend."""
     if keras.backend.backend() == "jax":
         import jax
-        import jax.numpy as jnp
 
-        def cumsum(v):
-            return jnp.cumsum(v, axis=1)
-
-        def attended(s, v):
-            return scan(s, v)[0]
-
-        return [("eager", cumsum, attended), ("jax.jit", jax.jit(cumsum), jax.jit(attended))]
+        return [("eager", lambda fn: fn), ("jax.jit", jax.jit)]
     import tensorflow as tf
 
     return [
         (
             "tf.function(jit_compile=True)" if xla else "tf.function",
-            tf.function(lambda v: tf.math.cumsum(v, axis=1), jit_compile=xla),
-            tf.function(lambda s, v: scan(s, v)[0], jit_compile=xla),
+            lambda fn, xla=xla: tf.function(fn, jit_compile=xla),
         )
         for xla in (False, True)
     ]
+
+
+def contenders(scan, segmented):
+    """`[(name, fn)]`: the cumulative sum, the scan and, if `segmented`, the scan on packed
+    rows, each taking `(scores, values, segment_ids)`."""
+    pairs = [
+        ("cumsum", lambda scores, values, ids: keras.ops.cumsum(values, axis=1)),
+        ("scan", lambda scores, values, ids: scan(scores, values)[0]),
+    ]
+    if segmented:
+        pairs.append(
+            ("packed", lambda scores, values, ids: scan(scores, values, segment_ids=ids)[0])
+        )
+    return pairs
 
 
 def wait(tensor):
@@ -137,23 +145,28 @@ def main(argv=None, scan=aaren_scan):
         score_bytes, value_bytes = (4 * int(np.prod(t.shape)) for t in (scores, values))
         least_bytes = {"cumsum": 2 * value_bytes, "scan": score_bytes + 2 * value_bytes}
         ids = segments(args.batch, steps, args.segment_length)
-
-        def packed(scores, values, ids=ids):
-            return scan(scores, values) if ids is None else scan(scores, values, segment_ids=ids)
-
-        for caller, cumsum_fn, scan_fn in callers(packed):
+        ids = keras.ops.convert_to_tensor(
+            np.zeros((args.batch, steps), "int32") if ids is None else ids
+        )
+        least_bytes["packed"] = least_bytes["scan"]
+        for caller, compile_fn in callers():
             row = {"T": steps, "caller": caller}
-            pairs = (("cumsum", cumsum_fn, (values,)), ("scan", scan_fn, (scores, values)))
-            for name, fn, inputs in pairs:
-                row[f"{name}_ms"], row[f"{name}_page_faults"] = median_ms(fn, inputs, args.repeats)
+            for name, fn in contenders(scan, args.segment_length is not None):
+                timing = median_ms(compile_fn(fn), (scores, values, ids), args.repeats)
+                row[f"{name}_ms"], row[f"{name}_page_faults"] = timing
                 row[f"{name}_gb_per_s"] = least_bytes[name] / row[f"{name}_ms"] / 1e6
             row["ratio"] = row["scan_ms"] / row["cumsum_ms"]
+            packed = ""
+            if "packed_ms" in row:
+                row["packed_ratio"] = row["packed_ms"] / row["scan_ms"]
+                packed = f"   packed {row['packed_ms']:8.3f} ms ({row['packed_ratio']:4.2f}x scan)"
             results.append(row)
             print(
                 f"T={steps:6d} {row['caller']:32s} cumsum {row['cumsum_ms']:8.3f} ms "
                 f"({row['cumsum_gb_per_s']:6.1f} GB/s)   scan {row['scan_ms']:8.3f} ms "
                 f"({row['scan_gb_per_s']:6.1f} GB/s)   scan/cumsum {row['ratio']:5.2f}x   "
-                f"page faults {row['cumsum_page_faults']:.0f} / {row['scan_page_faults']:.0f}",
+                f"page faults {row['cumsum_page_faults']:.0f} / {row['scan_page_faults']:.0f}"
+                + packed,
                 flush=True,
             )
     record = {

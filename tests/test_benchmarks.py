@@ -101,6 +101,8 @@ def test_scan_benchmark_with_segments(tmp_path):
     record = json.loads((tmp_path / "scan.json").read_text())
     assert record["protocol"]["segment_length"] == 5
     assert record["protocol"]["oracle_max_error"] < 1e-4
+    # Packed rows are timed beside the scan without segments, by the same callers.
+    assert all(row["packed_ms"] > 0 and row["packed_ratio"] > 0 for row in record["results"])
 
 
 @measured_backend
