@@ -23,8 +23,9 @@ def make_layer(kind, **kwargs):
     if kind == "aaren":
         return Aaren(2, 4, return_sequences=True, **kwargs)
     norm_first = kind == "block-prenorm"
-    return AarenBlock(2, 4, ffn_dim=8, dropout=0.0, norm_first=norm_first, return_sequences=True,
-                      **kwargs)
+    return AarenBlock(
+        2, 4, ffn_dim=8, dropout=0.0, norm_first=norm_first, return_sequences=True, **kwargs
+    )
 
 
 def pack(lengths, seed=0, masked=()):
@@ -68,13 +69,14 @@ def test_masks_inside_segments(kind, masked):
     lengths = [5, 1, 9, 3]
     layer = make_layer(kind)
     sequences, row, ids, mask = pack(lengths, seed=1, masked=masked)
-    outputs, y, c = layer(row, mask=mask, segment_ids=ids), None, None
+    outputs = layer(row, mask=mask, segment_ids=ids)
     layer_with_state = make_layer(kind, return_state=True)
     layer_with_state.build(row.shape)
     layer_with_state.set_weights(layer.get_weights())
     _, y, c = layer_with_state(row, mask=mask, segment_ids=ids)
-    for sequence, got, alone_mask in zip(sequences, split(to_numpy(outputs), lengths),
-                                         split(mask, lengths)):
+    for sequence, got, alone_mask in zip(
+        sequences, split(to_numpy(outputs), lengths), split(mask, lengths)
+    ):
         want = layer(sequence[None], mask=alone_mask[None])
         assert_close(got, to_numpy(want)[0], atol=1e-5, rtol=1e-5)
     # The final state is the last sequence's, as if it had been alone.
