@@ -112,7 +112,10 @@ def combine_unless(restart, state_a, state_b):
     m_b = empty_as_identity(m_b, u_b)
     m = ops.stop_gradient(ops.where(restart, m_b, ops.maximum(m_a, m_b)))
     keep = ops.cast(ops.logical_not(restart), m.dtype)
-    scale_a = ops.exp(ops.minimum(m_a - m, 0.0)) * keep
+    # The cap is subtracted as a constant: a `minimum` would halve the gradient at a tie (JAX
+    # splits it), where A holds the max.
+    exponent = m_a - m
+    scale_a = ops.exp(exponent - ops.stop_gradient(ops.maximum(exponent, 0.0))) * keep
     scale_b = ops.exp(m_b - m)
     u = u_a * scale_a + u_b * scale_b
     w = w_a * scale_a[..., None] + w_b * scale_b[..., None]
