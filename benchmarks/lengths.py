@@ -5,6 +5,7 @@ Run (defaults: 1000 distinct lengths, batch 1, width 32; the current backend, Te
     python -m benchmarks.lengths                          # lengths 10 ... 1009
     python -m benchmarks.lengths --lengths 200 --warmup 50
     python -m benchmarks.lengths --scenarios predict      # one scenario
+    python -m benchmarks.lengths --scenarios bucketed --bucket 128
     KERAS_BACKEND=jax python -m benchmarks.lengths
 
 A program compiled for one input shape and kept (a cached XLA function, a `jax.jit` per shape) is
@@ -16,12 +17,16 @@ stays in the process. This measures that cost where a user meets it. The contend
   input, 32);
 * `lstm`: `keras.layers.LSTM(64, return_sequences=True)`, as wide as Aaren's 4 heads of 16.
 
-Two scenarios, each in a fresh process per contender, so that what one contender compiles and
+Three scenarios, each in a fresh process per contender, so that what one contender compiles and
 keeps does not count against the other:
 
 * `predict`: `model.predict(x, verbose=0)` on one sequence of each of `--lengths` distinct
   lengths, `--shortest` to `--shortest + --lengths - 1`, in an order shuffled with `--seed` (the
   same for both contenders): every call is on a length the process has not seen;
+* `bucketed`: the same calls with each sequence padded at its end up to the next multiple of
+  `--bucket` (64) and the outputs cut back to its length, the remedy for a caller that compiles
+  one program per input shape. Both layers are causal, so the padding changes no output of a
+  real token; what a new length costs is then at most one program per bucket;
 * `eager`: the layer called directly, `layer(x)`, on the same lengths, its output fetched.
 
 Each process records its resident memory (VmRSS) and the wall time of every call. Reported per
@@ -34,8 +39,10 @@ contenders of the same run:
   JAX; Aaren's time per new-length call at most 1.5 times the LSTM's;
 * `eager`: Aaren's growth at most the LSTM's + 100 MiB.
 
+`bucketed` has no target: it shows what the padding recipe leaves of the `predict` costs.
+
 It refuses to report (exit status 1) unless Aaren's output on a short sequence, from
-`model.predict` and from the layer called directly, equals `keras.layers.RNN` stepping the same
+`model.predict` (as it is and padded to its bucket) and from the layer called directly, equals `keras.layers.RNN` stepping the same
 cell with the same weights (to 1e-5). Results go to `<output-dir>/lengths.json` and
 `<output-dir>/lengths.png` (resident memory against the call).
 """
@@ -68,13 +75,15 @@ CONTENDERS = {
     "aaren": lambda: Aaren(4, 16, return_sequences=True),
     "lstm": lambda: keras.layers.LSTM(64, return_sequences=True),
 }
-SCENARIOS = ("predict", "eager")
+SCENARIOS = ("predict", "bucketed", "eager")
 # The largest difference between Aaren and its cell stepped by `keras.layers.RNN` accepted.
 TOLERANCE = 1e-5
 # How far Aaren's resident growth may exceed the LSTM's, in MiB, per scenario and backend.
 GROWTH_ALLOWANCE_MIB = {"predict": {"tensorflow": 50.0, "jax": 0.0}, "eager": 100.0}
 # How many times the LSTM's time per new-length `predict` call Aaren's may take.
 PREDICT_TIME_RATIO = 1.5
+# The `bucketed` scenario pads every sequence up to a multiple of this many steps.
+DEFAULT_BUCKET = 64
 # The folder that holds the `benchmarks` package: the children import it from there.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,22 +99,36 @@ def lengths_in_order(count, shortest, seed):
     return (shortest + np.random.default_rng(seed).permutation(count)).tolist()
 
 
-def stepping_errors(seed=0):
-    """How far Aaren, through `model.predict` and called directly, is from `keras.layers.RNN`
-    stepping its cell, same weights, on a `(1, 13, WIDTH)` sequence: `{name: max error}`."""
+def predict_in_bucket(model, x, bucket):
+    """`model.predict` on `x` padded at its end up to a multiple of `bucket` steps, the outputs
+    cut back to `x`'s steps: for a causal model, the outputs of `x` alone."""
+    steps = x.shape[1]
+    padded = np.pad(x, ((0, 0), (0, -steps % bucket), (0, 0)))
+    return model.predict(padded, verbose=0)[:, :steps]
+
+
+def stepping_errors(seed=0, bucket=DEFAULT_BUCKET):
+    """How far Aaren, through `model.predict` (as it is and padded to its bucket) and called
+    directly, is from `keras.layers.RNN` stepping its cell, same weights, on a `(1, 13, WIDTH)`
+    sequence: `{name: max error}`."""
     x = np.random.default_rng(seed).normal(size=(1, 13, WIDTH)).astype("float32")
     model, layer = build("aaren")
     with full_precision_matmuls():
         expected = to_host(keras.layers.RNN(layer.cell, return_sequences=True)(x))
-        got = {"aaren/predict": model.predict(x, verbose=0), "aaren/eager": to_host(layer(x))}
+        got = {
+            "aaren/predict": model.predict(x, verbose=0),
+            "aaren/bucketed": predict_in_bucket(model, x, bucket),
+            "aaren/eager": to_host(layer(x)),
+        }
     return {name: float(np.abs(y - expected).max()) for name, y in got.items()}
 
 
-def measure(scenario, contender, lengths, seed):
+def measure(scenario, contender, lengths, seed, bucket=DEFAULT_BUCKET):
     """One child's record: the seconds of every call and the resident bytes after it."""
     model, layer = build(contender)
     call = {
         "predict": lambda x: model.predict(x, verbose=0),
+        "bucketed": lambda x: predict_in_bucket(model, x, bucket),
         "eager": lambda x: to_host(layer(x)),
     }[scenario]
     rng = np.random.default_rng(seed + 1)
@@ -123,7 +146,7 @@ def run_child(scenario, contender, args):
     """`measure` in a fresh process; `(record, None)`, or `(None, why)` if the child failed."""
     command = [sys.executable, "-m", "benchmarks.lengths", "--child", scenario, contender]
     command += ["--lengths", str(args.lengths), "--shortest", str(args.shortest)]
-    command += ["--seed", str(args.seed)]
+    command += ["--seed", str(args.seed), "--bucket", str(args.bucket)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     child = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if child.returncode != 0:
@@ -148,6 +171,8 @@ def targets(results, backend):
     `{name: {"value", "limit", "met"}}`, a difference in MiB or a ratio."""
     found = {}
     for scenario, rows in results.items():
+        if scenario not in GROWTH_ALLOWANCE_MIB:
+            continue
         aaren, lstm = rows["aaren"], rows["lstm"]
         allowance = GROWTH_ALLOWANCE_MIB[scenario]
         if isinstance(allowance, dict):
@@ -172,6 +197,9 @@ def parse_args(argv):
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--seed", type=int, default=0, help="seed of the order and the inputs")
     parser.add_argument(
+        "--bucket", type=int, default=DEFAULT_BUCKET, help="`bucketed` pads to a multiple of this"
+    )
+    parser.add_argument(
         "--child", nargs=2, metavar=("SCENARIO", "CONTENDER"), help=argparse.SUPPRESS
     )
     parser.add_argument("--output-dir", default="outputs/benchmarks")
@@ -180,6 +208,8 @@ def parse_args(argv):
         parser.error(f"--lengths must be at least 2. Received: {args.lengths}")
     if args.shortest < 1:
         parser.error(f"--shortest must be at least 1. Received: {args.shortest}")
+    if args.bucket < 1:
+        parser.error(f"--bucket must be at least 1. Received: {args.bucket}")
     if args.warmup is None:
         args.warmup = min(100, args.lengths // 2)
     if not 1 <= args.warmup < args.lengths:
@@ -196,10 +226,10 @@ def main(argv=None):
     args = parse_args(argv)
     lengths = lengths_in_order(args.lengths, args.shortest, args.seed)
     if args.child:
-        print(json.dumps(measure(*args.child, lengths, args.seed)))
+        print(json.dumps(measure(*args.child, lengths, args.seed, args.bucket)))
         return 0
 
-    errors = stepping_errors(args.seed)
+    errors = stepping_errors(args.seed, args.bucket)
     if refuse_if_wrong(errors, "keras.layers.RNN stepping its cell", TOLERANCE):
         return 1
     records = {scenario: {} for scenario in args.scenarios}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import common, layers, lengths, memory, scan, streaming
-from keras_aaren.ops import aaren_attention_naive
+from keras_aaren.ops import aaren_attention_naive, full_precision_matmuls
 from keras_aaren.streaming import make_step_function
 
 BACKEND = keras.backend.backend()
@@ -401,6 +401,20 @@ def test_lengths_benchmark_smoke(tmp_path):
 
 
 @measured_backend
+def test_lengths_benchmark_pads_to_the_bucket_and_cuts_back_in_the_bucketed_scenario():
+    model, _ = lengths.build("aaren")
+    x = np.random.default_rng(0).normal(size=(1, 13, lengths.WIDTH)).astype("float32")
+    with full_precision_matmuls():
+        alone = model.predict(x, verbose=0)
+        bucketed = lengths.predict_in_bucket(model, x, bucket=8)
+    # 13 steps padded to 16: the causal layer gives the real steps what it gives them alone.
+    assert bucketed.shape == alone.shape == (1, 13, lengths.WIDTH)
+    np.testing.assert_allclose(bucketed, alone, atol=1e-6)
+    record = lengths.measure("bucketed", "lstm", [12, 10, 11], seed=0, bucket=8)
+    assert len(record["seconds"]) == len(record["resident_bytes"]) == 3
+
+
+@measured_backend
 def test_lengths_benchmark_calls_the_layer_directly_in_the_eager_scenario():
     record = lengths.measure("eager", "aaren", [12, 10, 11], seed=0)
     assert len(record["seconds"]) == len(record["resident_bytes"]) == 3
@@ -415,18 +429,21 @@ def test_lengths_targets_compare_aaren_with_the_lstm_of_the_same_run():
     results = {
         "predict": {"aaren": row(30.0, 3.0), "lstm": row(10.0, 2.5)},
         "eager": {"aaren": row(150.0, 1.0), "lstm": row(10.0, 1.0)},
+        "bucketed": {"aaren": row(900.0, 9.0), "lstm": row(1.0, 1.0)},
     }
     found = lengths.targets(results, "tensorflow")
     assert found["predict_growth_minus_lstm_mib"] == {"value": 20.0, "limit": 50.0, "met": True}
     assert found["predict_time_over_lstm"] == {"value": 1.2, "limit": 1.5, "met": True}
     assert found["eager_growth_minus_lstm_mib"] == {"value": 140.0, "limit": 100.0, "met": False}
+    # The bucketed scenario shows the padding recipe; it has no target of its own.
+    assert not any(name.startswith("bucketed") for name in found)
     # On JAX Aaren's predict may grow no more than the LSTM's.
     assert not lengths.targets(results, "jax")["predict_growth_minus_lstm_mib"]["met"]
 
 
 @measured_backend
 def test_lengths_benchmark_refuses_an_aaren_off_its_stepped_cell(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(lengths, "stepping_errors", lambda seed: {"aaren/predict": 1e-3})
+    monkeypatch.setattr(lengths, "stepping_errors", lambda seed, bucket: {"aaren/predict": 1e-3})
     assert lengths.main(["--lengths", "3", "--output-dir", str(tmp_path)]) == 1
     assert "aaren/predict does not match keras.layers.RNN" in capsys.readouterr().out
     assert not (tmp_path / "lengths.json").exists()
