@@ -42,9 +42,9 @@ contenders of the same run:
 `bucketed` has no target: it shows what the padding recipe leaves of the `predict` costs.
 
 It refuses to report (exit status 1) unless Aaren's output on a short sequence, from
-`model.predict` (as it is and padded to its bucket) and from the layer called directly, equals `keras.layers.RNN` stepping the same
-cell with the same weights (to 1e-5). Results go to `<output-dir>/lengths.json` and
-`<output-dir>/lengths.png` (resident memory against the call).
+`model.predict` (as it is and padded to its bucket) and from the layer called directly, equals
+`keras.layers.RNN` stepping the same cell with the same weights (to 1e-5). Results go to
+`<output-dir>/lengths.json` and `<output-dir>/lengths.png` (resident memory against the call).
 """
 
 import argparse
