@@ -252,7 +252,8 @@ def main(argv=None):
 
     backend = keras.backend.backend()
     found = targets(results, backend)
-    print(f"\ntargets ({backend}, Aaren against the LSTM of the same run):")
+    if found:
+        print(f"\ntargets ({backend}, Aaren against the LSTM of the same run):")
     for name, target in found.items():
         if name.endswith("_over_lstm"):
             value, limit = f"{target['value']:.2f}x", f"{target['limit']:g}x"
