@@ -304,6 +304,7 @@ MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associ
         ("streaming", ["--tokens", "16"], "--tokens must be more than 16. Received: 16"),
         ("lengths", ["--lengths", "1"], "--lengths must be at least 2. Received: 1"),
         ("lengths", ["--shortest", "0"], "--shortest must be at least 1. Received: 0"),
+        ("lengths", ["--bucket", "0"], "--bucket must be at least 1. Received: 0"),
         ("lengths", ["--lengths", "3", "--warmup", "3"], "Received: --warmup 3 with --lengths 3"),
     ],
     ids=[
@@ -319,6 +320,7 @@ MAX_LENGTH_MESSAGE = "--max-length takes NAME=T, NAME one of aaren, aaren_associ
         "streaming-tokens-16",
         "lengths-lengths-1",
         "lengths-shortest-0",
+        "lengths-bucket-0",
         "lengths-warmup-all",
     ],
 )
