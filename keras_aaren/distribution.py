@@ -12,7 +12,31 @@ JAX only, as `keras.distribution` is.
 
 import keras
 
-__all__ = ["ContextParallel"]
+from keras_aaren.ops.context_parallel import SequenceSharding
+
+__all__ = ["ContextParallel", "current_sequence_sharding"]
+
+
+def current_sequence_sharding():
+    """The `SequenceSharding` of the `ContextParallel` distribution in effect, or None.
+
+    What the layers pass to `keras_aaren.ops.aaren_scan` as `sharding`: None on one device, on a
+    backend other than JAX, under any other distribution, and where the sequence axis has a
+    single device.
+
+    Returns:
+        A `keras_aaren.ops.SequenceSharding`, or None.
+
+    Examples:
+        >>> current_sequence_sharding() is None  # no distribution set
+        True
+    """
+    if keras.backend.backend() != "jax":
+        return None
+    distribution = keras.distribution.distribution()
+    if isinstance(distribution, ContextParallel):
+        return distribution.sequence_sharding
+    return None
 
 
 class ContextParallel(keras.distribution.ModelParallel):
@@ -109,10 +133,16 @@ class ContextParallel(keras.distribution.ModelParallel):
                 "`layout_map` must be built on `device_mesh` (LayoutMap(device_mesh)). "
                 f"Received a layout_map on {layout_map.device_mesh}"
             )
-        # Set before ModelParallel's constructor, which reads `num_model_replicas`.
+        # Set before ModelParallel's constructor, which reads `num_model_replicas` (see
+        # `keras_aaren.compat`).
         self._sequence_axis = sequence_dim_name
         self._batch_axis = batch_dim_name
         self._axis_sizes = dict(zip(names, device_mesh.shape))
+        self._sequence_sharding = None
+        if self._axis_sizes[sequence_dim_name] > 1:
+            self._sequence_sharding = SequenceSharding(
+                device_mesh, sequence_dim_name, batch_dim_name
+            )
         super().__init__(
             layout_map=layout_map,
             batch_dim_name=batch_dim_name or sequence_dim_name,
@@ -133,6 +163,12 @@ class ContextParallel(keras.distribution.ModelParallel):
     def num_sequence_shards(self):
         """How many devices share one sequence: the size of the sequence axis."""
         return self._axis_sizes[self._sequence_axis]
+
+    @property
+    def sequence_sharding(self):
+        """The `keras_aaren.ops.SequenceSharding` its layers pass to their scans, or None where
+        the sequence axis has a single device (nothing to split)."""
+        return self._sequence_sharding
 
     @property
     def num_model_replicas(self):

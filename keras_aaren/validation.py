@@ -14,6 +14,30 @@ def check_positive_int(name, value, allow_none=False):
         raise ValueError(f"`{name}` must be {expected}. Received: {name}={value!r}")
 
 
+def check_rate(name, value):
+    """Raise a ValueError naming `name` unless `value` is a float in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be a float in [0, 1). Received: {name}={value!r}")
+
+
+def check_positive_float(name, value):
+    """Raise a ValueError naming `name` unless `value` is a positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive float. Received: {name}={value!r}")
+
+
+def check_bool(name, value):
+    """Raise a ValueError naming `name` unless `value` is a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a bool. Received: {name}={value!r}")
+
+
+def check_seed(name, value):
+    """Raise a ValueError naming `name` unless `value` is an int or None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"`{name}` must be an integer or None. Received: {name}={value!r}")
+
+
 def _dims_match(got, expected):
     # None (an unknown dimension) matches anything.
     return len(got) == len(expected) and all(
@@ -40,3 +64,19 @@ def check_shape(name, shape, expected, layout=None):
         else:
             described = f"{layout} = {expected}"
         raise ValueError(f"`{name}` must have shape {described}. Received: {name}.shape={shape}")
+
+
+def check_segment_ids(shape, dtype, expected):
+    """Raise a ValueError unless segment ids of `shape` and `dtype` are integers of `expected`.
+
+    Args:
+        shape: the received shape.
+        dtype: the received dtype, standardized (`keras.backend.standardize_dtype`).
+        expected: `(batch_size, timesteps)` as far as known (None matches anything).
+    """
+    check_shape("segment_ids", shape, expected, "(batch_size, timesteps)")
+    if "int" not in dtype:
+        raise ValueError(
+            "`segment_ids` must be integers, one segment id per token. "
+            f"Received: segment_ids.dtype={dtype}"
+        )

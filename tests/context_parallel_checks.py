@@ -5,12 +5,12 @@ because the devices must be set up before JAX starts:
     XLA_FLAGS=--xla_force_host_platform_device_count=4 KERAS_BACKEND=jax \\
         python tests/context_parallel_checks.py 4
 
-* op level: `aaren_scan` under `ContextParallel` (one `jax.jit`) against the same scan on one
-  device: outputs, final states and the gradients of all inputs, with masks, segments (one
-  starting exactly on a shard border, one spanning several shards, one of length 1, one
-  starting in a masked stretch), an initial state, score ramps of ±10·i, a length that the
-  shards do not divide, and every method; on a mesh of the sequence alone and of batch ×
-  sequence.
+* op level: `aaren_scan` with `ContextParallel`'s `sequence_sharding` (one `jax.jit`) against
+  the same scan on one device: outputs, final states and the gradients of all inputs, with
+  masks, segments (one starting exactly on a shard border, one spanning several shards, one of
+  length 1, one starting in a masked stretch), an initial state, score ramps of ±10·i, a
+  length that the shards do not divide, and every method; on a mesh of the sequence alone and
+  of batch × sequence.
 * communication: the collectives of the compiled forward and backward program at two lengths
   (they must be the same), and the shape of one device's shard of the input.
 * model level: a model of `Aaren` and `AarenBlock` layers on packed rows (`segment_ids`)
@@ -81,9 +81,9 @@ def scan_data(rng, batch, steps, shards):
     return scores, values, mask, segments, initial
 
 
-def scan_function(method, with_mask, with_segments, with_initial):
-    """A fresh function (so that JAX traces it again under each distribution) of the scan's
-    outputs, final state and a scalar loss over all of them, with the loss's gradients."""
+def scan_function(method, with_mask, with_segments, with_initial, sharding=None):
+    """A function of the scan's outputs, final state and a scalar loss over all of them, with the
+    loss's gradients; on the devices of `sharding` (a `SequenceSharding`), or on one."""
     import jax
 
     from keras_aaren.ops import aaren_scan
@@ -96,6 +96,7 @@ def scan_function(method, with_mask, with_segments, with_initial):
             mask=mask if with_mask else None,
             segment_ids=segments if with_segments else None,
             method=method,
+            sharding=sharding,
         )
         loss = sum((x * c).sum() for x, c in zip((outputs, *final), cotangents, strict=True))
         return loss, (outputs, *final)
@@ -181,8 +182,8 @@ def check_ops(devices, pairs, results):
         flags = (with_mask, with_segments, with_initial)
         one = jax.jit(scan_function(method, *flags))(*args)
         for name in (mesh for c, mesh in pairs if c == case):
-            with meshes[name].scope():
-                split = jax.jit(scan_function(method, *flags))(*args)
+            sharding = meshes[name].sequence_sharding
+            split = jax.jit(scan_function(method, *flags, sharding))(*args)
             results[f"ops/{case}/{name}/outputs"] = gap(one[0][:1], split[0][:1])
             results[f"ops/{case}/{name}/final_state"] = gap(one[0][1:], split[0][1:])
             results[f"ops/{case}/{name}/gradients"] = gap(one[1], split[1])
@@ -211,7 +212,7 @@ def check_communication(devices, results):
         layout = distribution.get_data_layout(scores.shape).backend_layout
         scores = jax.device_put(scores, layout)
         results["communication/shard_shape"] = list(scores.addressable_shards[0].data.shape)
-        run = jax.jit(scan_function("auto", True, True, True))
+        run = jax.jit(scan_function("auto", True, True, True, distribution.sequence_sharding))
         args = (scores, values, *initial, mask, segments, cotangents)
         found = {"communication": collectives(run.lower(*args).compile().as_text())}
 

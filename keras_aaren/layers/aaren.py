@@ -9,13 +9,6 @@ import math
 import keras
 from keras import ops
 
-from keras_aaren.layers.arguments import (
-    OUTPUT_DIM,
-    PROJECTION,
-    RECURRENT,
-    VALUE_DIM,
-    expose_cell_arguments,
-)
 from keras_aaren.layers.base import (
     AttentionCell,
     ParallelRNN,
@@ -24,10 +17,9 @@ from keras_aaren.layers.base import (
     token_matmul,
 )
 from keras_aaren.ops import aaren_scan, aaren_step
+from keras_aaren.ops.backend import matmul
 from keras_aaren.ops.recurrence import scan_dtype
-
-# The arguments of the cell after `num_heads` and `key_dim`.
-CELL_ARGUMENTS = (*VALUE_DIM, *OUTPUT_DIM, *PROJECTION)
+from keras_aaren.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
@@ -107,8 +99,6 @@ class AarenCell(AttentionCell):
         (4, 10, 16)
     """
 
-    arguments = CELL_ARGUMENTS
-
     def __init__(
         self,
         num_heads,
@@ -127,9 +117,11 @@ class AarenCell(AttentionCell):
         query_constraint=None,
         **kwargs,
     ):
-        values = dict(
+        check_positive_int("output_dim", output_dim, allow_none=True)
+        super().__init__(
+            num_heads,
+            key_dim,
             value_dim=value_dim,
-            output_dim=output_dim,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
@@ -140,8 +132,9 @@ class AarenCell(AttentionCell):
             kernel_constraint=kernel_constraint,
             bias_constraint=bias_constraint,
             query_constraint=query_constraint,
+            **kwargs,
         )
-        super().__init__(num_heads, key_dim, values, **kwargs)
+        self.output_dim = output_dim
 
     @property
     def output_size(self):
@@ -192,13 +185,16 @@ class AarenCell(AttentionCell):
             autocast=autocast,
         )
 
-    def project(self, inputs):
-        """Scores and values of tokens: `(..., F)` -> `(..., H)` and `(..., H, D)`."""
+    def project(self, inputs, keep_time_axis=False):
+        """Scores and values of tokens: `(..., F)` -> `(..., H)` and `(..., H, D)`.
+
+        `keep_time_axis`: the products keep the sequence's axes (see `base.token_matmul`).
+        """
         heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
         # Scores are exponentiated, so they are computed in float32 even under mixed precision:
         # bfloat16 would move a score of 100 by up to 0.4, and its weight by 40%.
         score_dtype = scan_dtype(inputs.dtype)
-        query = ops.matmul(
+        query = matmul(
             ops.cast(self.query[None], score_dtype),
             ops.cast(ops.reshape(self.query_kernel, (self.input_dim, -1)), score_dtype),
         )  # (1, H * K)
@@ -215,19 +211,19 @@ class AarenCell(AttentionCell):
         lead = tuple(ops.shape(inputs)[:-1])
         # Two products rather than one joint product of scores and values: TensorFlow
         # differentiates the slices of a joint product with padded gradients.
-        scores = token_matmul(ops.cast(inputs, score_dtype), score_kernel)  # (..., H)
-        values = token_matmul(inputs, value_kernel)  # (..., H * D)
+        scores = token_matmul(ops.cast(inputs, score_dtype), score_kernel, keep_time_axis)
+        values = token_matmul(inputs, value_kernel, keep_time_axis)  # (..., H * D)
         if self.use_bias:
             scores = scores + score_bias
             values = values + ops.reshape(self.value_bias, (-1,))
         return scores, ops.reshape(values, lead + (heads, value_dim))
 
-    def output_projection(self, attended):
+    def output_projection(self, attended, keep_time_axis=False):
         """The output of attended values: `(..., H, D)` -> `(..., O)`."""
         lead = tuple(ops.shape(attended)[:-2])
         attended = ops.reshape(attended, lead + (self.num_heads * self.value_dim,))
         kernel = ops.reshape(self.output_kernel, (self.num_heads * self.value_dim, -1))
-        outputs = token_matmul(attended, kernel)
+        outputs = token_matmul(attended, kernel, keep_time_axis)
         if self.use_bias:
             outputs = outputs + self.output_bias
         return outputs
@@ -283,6 +279,7 @@ class AarenCell(AttentionCell):
         last_only=False,
         training=False,
         segment_ids=None,
+        sharding=None,
     ):
         """The parallel form: every timestep at once with `aaren_scan`.
 
@@ -295,12 +292,15 @@ class AarenCell(AttentionCell):
             last_only: return only the last timestep's output, `(batch_size, 1, output_dim)`.
             training: unused; part of the sequence-cell signature.
             segment_ids: optional integer tensor `(batch_size, timesteps)`; see `aaren_scan`.
+            sharding: optional `keras_aaren.ops.SequenceSharding`, the devices that split the
+                time axis; see `aaren_scan`.
 
         Returns:
             A tuple `(outputs, new_states)`: `(batch_size, timesteps, output_dim)` (or
             `(batch_size, 1, output_dim)` with `last_only`) and the final `[c]`.
         """
-        scores, values = self.project(sequences)  # (B, T, H), (B, T, H, D)
+        split = sharding is not None
+        scores, values = self.project(sequences, split)  # (B, T, H), (B, T, H, D)
         attended, final = aaren_scan(
             scores,
             values,
@@ -308,13 +308,18 @@ class AarenCell(AttentionCell):
             mask=mask,
             method=method,
             segment_ids=segment_ids,
+            sharding=sharding,
         )
         if last_only:
             attended = attended[:, -1:]
-        return self.output_projection(attended), self.flatten_state(final, states[0].dtype)
+        outputs = self.output_projection(attended, split)
+        return outputs, self.flatten_state(final, states[0].dtype)
 
     def get_initial_state(self, batch_size=None):
         return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]
+
+    def get_config(self):
+        return {**super().get_config(), "output_dim": self.output_dim}
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
@@ -362,9 +367,10 @@ class Aaren(ParallelRNN):
         kernel_constraint: constraint of the kernels.
         bias_constraint: constraint of the biases.
         query_constraint: constraint of the learned query token.
-        method: how the sequence is computed: `"auto"` (the fastest exact scan for the backend),
-            `"chunked"`, `"associative"` (the paper's parallel prefix scan), or `"sequential"`
-            (the `keras.layers.RNN` step loop over the cell). See `keras_aaren.ops.aaren_scan`.
+        method: how the sequence is computed: `"auto"` (the default, `"chunked"` on every
+            backend), `"chunked"`, `"associative"` (the paper's parallel prefix scan), or
+            `"sequential"` (the `keras.layers.RNN` step loop over the cell). See
+            `keras_aaren.ops.aaren_scan`.
         return_sequences: bool, return the output at every timestep, or only the last.
         return_state: bool, also return the final states `[y, c]` (see the cell).
         go_backwards: bool, process the sequence backwards and return the reversed sequence.
@@ -410,8 +416,6 @@ class Aaren(ParallelRNN):
         >>> bool(np.allclose(to_numpy(parallel), to_numpy(stepped), atol=1e-5))
         True
     """
-
-    arguments = CELL_ARGUMENTS + RECURRENT
 
     def __init__(
         self,
@@ -469,5 +473,9 @@ class Aaren(ParallelRNN):
             **kwargs,
         )
 
+    @property
+    def output_dim(self):
+        return self.cell.output_dim
 
-expose_cell_arguments(Aaren, AarenCell)
+    def get_config(self):
+        return {**super().get_config(), "output_dim": self.output_dim}

@@ -8,24 +8,14 @@ from keras import ops
 
 from keras_aaren.compat import DropoutRNNCell
 from keras_aaren.layers.aaren import AarenCell
-from keras_aaren.layers.arguments import (
-    BLOCK,
-    PROJECTION,
-    RECURRENT,
-    VALUE_DIM,
-    expose_cell_arguments,
-    with_defaults,
+from keras_aaren.layers.base import AttentionCell, ParallelRNN, check_float, check_token_shape
+from keras_aaren.validation import (
+    check_bool,
+    check_positive_float,
+    check_positive_int,
+    check_rate,
+    check_seed,
 )
-from keras_aaren.layers.base import (
-    AttentionCell,
-    ParallelRNN,
-    check_float,
-    check_token_shape,
-    splits_time,
-)
-
-# The arguments of the block cell after `num_heads` and `key_dim`.
-CELL_ARGUMENTS = (*VALUE_DIM, *BLOCK, *PROJECTION)
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
@@ -104,7 +94,15 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         (3, 7, 16)
     """
 
-    arguments = CELL_ARGUMENTS
+    #: The block's own constructor arguments, beside the attention cell's.
+    BLOCK_ARGUMENTS = (
+        "ffn_dim",
+        "activation",
+        "dropout",
+        "norm_first",
+        "layer_norm_epsilon",
+        "seed",
+    )
 
     def __init__(
         self,
@@ -129,14 +127,15 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         query_constraint=None,
         **kwargs,
     ):
-        values = dict(
+        check_positive_int("ffn_dim", ffn_dim, allow_none=True)
+        check_rate("dropout", dropout)
+        check_bool("norm_first", norm_first)
+        check_positive_float("layer_norm_epsilon", layer_norm_epsilon)
+        check_seed("seed", seed)
+        super().__init__(
+            num_heads,
+            key_dim,
             value_dim=value_dim,
-            ffn_dim=ffn_dim,
-            activation=activation,
-            dropout=dropout,
-            norm_first=norm_first,
-            layer_norm_epsilon=layer_norm_epsilon,
-            seed=seed,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
@@ -147,15 +146,22 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
             kernel_constraint=kernel_constraint,
             bias_constraint=bias_constraint,
             query_constraint=query_constraint,
+            **kwargs,
         )
-        super().__init__(num_heads, key_dim, values, **kwargs)
+        self.ffn_dim = ffn_dim
+        self.activation = keras.activations.get(activation)
+        self.dropout = dropout
+        self.norm_first = norm_first
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.seed = seed
         self.attention = None
-        # The dropout masks (see `DropoutRNNCell`): one for the attention's output and one for
-        # the feed-forward network's, drawn by `keras.layers.RNN` once per call, before its
-        # loop, and read by both forms of the block.
+        # Dropout draws one mask for the attention's output and one for the feed-forward
+        # network's, per sequence. Stepped by `keras.layers.RNN`, the block reads the masks
+        # Keras draws once per call for a `DropoutRNNCell` (which reads these attributes; see
+        # `keras_aaren.compat`); its parallel form draws them itself (`dropout_masks`).
         self.recurrent_dropout = 0.0
         self.dropout_mask_count = 2
-        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        self.seed_generator = keras.random.SeedGenerator(seed)
 
     @property
     def output_size(self):
@@ -175,16 +181,26 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         width = int(input_shape[-1])
         self.input_dim = width
         # The attention takes every projection argument; the dense layers those they have.
-        projection = {a.name: getattr(self, a.name) for a in PROJECTION}
-        dense = {name: value for name, value in projection.items() if not name.startswith("query_")}
+        dense = dict(
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            kernel_regularizer=self.kernel_regularizer,
+            bias_regularizer=self.bias_regularizer,
+            kernel_constraint=self.kernel_constraint,
+            bias_constraint=self.bias_constraint,
+        )
         policy = dict(dtype=self.dtype_policy)
         self.attention = AarenCell(
             self.num_heads,
             self.key_dim,
             value_dim=self.value_dim,
             output_dim=width,
+            query_initializer=self.query_initializer,
+            query_regularizer=self.query_regularizer,
+            query_constraint=self.query_constraint,
             name="attention",
-            **projection,
+            **dense,
             **policy,
         )
         self.ffn_intermediate = keras.layers.Dense(
@@ -208,57 +224,46 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         self.built = True
 
     def _attention_input(self, x):
-        return self._normalize(self.attention_norm, x) if self.norm_first else x
+        return self.attention_norm(x) if self.norm_first else x
 
-    def _normalize(self, norm, x):
-        """`norm` (built for one token) over tokens or sequences: a sequence is normalized as
-        the batch of its tokens, since Keras resolves `LayerNormalization`'s axis against the
-        rank it was built for."""
-        if len(x.shape) == 2:
-            return norm(x)
-        if splits_time():
-            # Flattened, the tokens would lose their split across devices (see
-            # `base.token_matmul`): the norm's own operation, over the last axis, on its weights.
-            outputs = ops.layer_normalization(
-                ops.cast(x, norm.compute_dtype),
-                norm.gamma,
-                norm.beta,
-                axis=-1,
-                epsilon=norm.epsilon,
-                rms_scaling=norm.rms_scaling,
-            )
-            return ops.cast(outputs, norm.compute_dtype)
-        lead = tuple(ops.shape(x)[:-1])
-        flat = norm(ops.reshape(x, (-1, self.input_dim)))
-        return ops.reshape(flat, lead + (self.input_dim,))
+    def dropout_masks(self, token):
+        """Two fresh dropout masks of a token's shape, `(batch_size, width)`: for the
+        attention's output and for the feed-forward network's."""
+        ones = ops.ones_like(token)
+        return [
+            keras.random.dropout(ones, rate=self.dropout, seed=self.seed_generator)
+            for _ in range(2)
+        ]
 
-    def _rest_of_block(self, x, attended, token, training):
+    def _rest_of_block(self, x, attended, masks):
         """Everything after the attention, which acts on each token alone.
 
-        `token` is one token of `x` (`(batch_size, width)`), from which the dropout masks are
-        drawn when the call has none yet; they broadcast over the time axis of a sequence.
+        `masks`: the two dropout masks `(batch_size, width)`, or None for no dropout; they
+        broadcast over the time axis of a sequence. Keras' `LayerNormalization` and `Dense`
+        act on the last axis, so they take a token and a sequence alike.
         """
-        if training and self.dropout > 0:
-            masks = self.get_dropout_mask(token)
+        if masks is None:
+            drop_attention = drop_ffn = lambda t: t
+        else:
             if len(x.shape) == 3:
                 masks = [mask[:, None] for mask in masks]
             drop_attention, drop_ffn = (
                 lambda t, mask=mask: t * ops.cast(mask, t.dtype) for mask in masks
             )
-        else:
-            drop_attention = drop_ffn = lambda t: t
         h = x + drop_attention(attended)
         if not self.norm_first:
-            h = self._normalize(self.attention_norm, h)
-        ffn_input = self._normalize(self.ffn_norm, h) if self.norm_first else h
+            h = self.attention_norm(h)
+        ffn_input = self.ffn_norm(h) if self.norm_first else h
         ffn = self.ffn_output(self.ffn_intermediate(ffn_input))
         y = h + drop_ffn(ffn)
-        return y if self.norm_first else self._normalize(self.ffn_norm, y)
+        return y if self.norm_first else self.ffn_norm(y)
 
     def call(self, inputs, states, training=False):
         check_float(self, inputs)
         attended, new_states = self.attention.call_token(self._attention_input(inputs), states[1:])
-        outputs = self._rest_of_block(inputs, attended, inputs, training)
+        # Stepped by keras.layers.RNN, the masks are those it drew for this call.
+        masks = self.get_dropout_mask(inputs) if training and self.dropout > 0 else None
+        outputs = self._rest_of_block(inputs, attended, masks)
         return outputs, [ops.cast(outputs, states[0].dtype), *new_states]
 
     def call_sequence(
@@ -270,9 +275,11 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
         last_only=False,
         training=False,
         segment_ids=None,
+        sharding=None,
     ):
         """The parallel form of the block over `(batch_size, timesteps, width)`, with the
-        attention's state `[c]`; see `AarenCell.call_sequence`."""
+        attention's state `[c]`; see `AarenCell.call_sequence`. With `training`, the dropout
+        masks are drawn here, once for the sequence."""
         attended, new_states = self.attention.call_sequence(
             self._attention_input(sequences),
             states,
@@ -280,16 +287,30 @@ class AarenBlockCell(DropoutRNNCell, AttentionCell):
             method=method,
             last_only=last_only,
             segment_ids=segment_ids,
+            sharding=sharding,
         )
-        token = sequences[:, 0]
+        masks = None
+        if training and self.dropout > 0:
+            masks = self.dropout_masks(sequences[:, 0])
         if last_only:
             sequences = sequences[:, -1:]
-        outputs = self._rest_of_block(sequences, attended, token, training)
+        outputs = self._rest_of_block(sequences, attended, masks)
         return outputs, new_states
 
     def get_initial_state(self, batch_size=None):
         # The attention's output has the block's width, so its states have the block's sizes.
         return self.attention.get_initial_state(batch_size)
+
+    def get_config(self):
+        config = {
+            "ffn_dim": self.ffn_dim,
+            "activation": keras.activations.serialize(self.activation),
+            "dropout": self.dropout,
+            "norm_first": self.norm_first,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "seed": self.seed,
+        }
+        return {**super().get_config(), **config}
 
 
 @keras.saving.register_keras_serializable(package="keras_aaren")
@@ -331,9 +352,10 @@ class AarenBlock(ParallelRNN):
         kernel_constraint: constraint of the kernels.
         bias_constraint: constraint of the biases.
         query_constraint: constraint of the learned query token.
-        method: how the sequence is computed: `"auto"` (the fastest exact scan for the backend),
-            `"chunked"`, `"associative"` (the paper's parallel prefix scan), or `"sequential"`
-            (the `keras.layers.RNN` step loop over the cell). See `keras_aaren.ops.aaren_scan`.
+        method: how the sequence is computed: `"auto"` (the default, `"chunked"` on every
+            backend), `"chunked"`, `"associative"` (the paper's parallel prefix scan), or
+            `"sequential"` (the `keras.layers.RNN` step loop over the cell). See
+            `keras_aaren.ops.aaren_scan`.
         return_sequences: bool, return the output at every timestep, or only the last.
         return_state: bool, also return the final states `[y, c]` (see the cell).
         go_backwards: bool, process the sequence backwards and return the reversed sequence.
@@ -341,7 +363,7 @@ class AarenBlock(ParallelRNN):
         unroll: bool, unroll the step loop; used only by `method="sequential"`.
         zero_output_for_mask: bool, output zeros at masked timesteps instead of the previous
             output (only with `return_sequences=True`, as in `keras.layers.RNN`).
-        **kwargs: base layer keyword arguments.
+        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
         sequences: tensor `(batch_size, timesteps, width)`.
@@ -372,8 +394,6 @@ class AarenBlock(ParallelRNN):
         >>> tuple(model(np.random.rand(2, 9, 16)).shape)
         (2, 9, 16)
     """
-
-    arguments = CELL_ARGUMENTS + with_defaults(RECURRENT, return_sequences=True)
 
     def __init__(
         self,
@@ -441,5 +461,31 @@ class AarenBlock(ParallelRNN):
             **kwargs,
         )
 
+    @property
+    def ffn_dim(self):
+        return self.cell.ffn_dim
 
-expose_cell_arguments(AarenBlock, AarenBlockCell)
+    @property
+    def activation(self):
+        return self.cell.activation
+
+    @property
+    def dropout(self):
+        return self.cell.dropout
+
+    @property
+    def norm_first(self):
+        return self.cell.norm_first
+
+    @property
+    def layer_norm_epsilon(self):
+        return self.cell.layer_norm_epsilon
+
+    @property
+    def seed(self):
+        return self.cell.seed
+
+    def get_config(self):
+        cell = self.cell.get_config()
+        block = {name: cell[name] for name in AarenBlockCell.BLOCK_ARGUMENTS}
+        return {**super().get_config(), **block}

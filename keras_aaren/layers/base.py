@@ -1,39 +1,42 @@
-"""The Keras plumbing shared by the layers: input checks, and a `keras.layers.RNN` whose cell can
-also compute a whole sequence at once.
+"""The Keras plumbing shared by the layers: input checks, the arguments every attention cell
+takes, and a `keras.layers.RNN` whose cell can also compute a whole sequence at once.
 
 Shape letters used in this module: B batch, T timesteps, F input features, O output features.
 """
+
+import typing
+import weakref
 
 import keras
 from keras import ops
 
 from keras_aaren.compat import output_before_first_real_step
-from keras_aaren.layers.arguments import resolve, serialize
+from keras_aaren.distribution import current_sequence_sharding
 from keras_aaren.ops import backend as plumbing
-from keras_aaren.ops import context_parallel
 from keras_aaren.ops.chunked import DEFAULT_CHUNK_SIZE
-from keras_aaren.ops.scan import check_method, segment_starts
-from keras_aaren.validation import check_positive_int, check_shape
+from keras_aaren.ops.scan import check_method
+from keras_aaren.ops.segments import carry_last_real, segment_starts
+from keras_aaren.validation import (
+    check_bool,
+    check_positive_int,
+    check_segment_ids,
+    check_shape,
+)
 
 
-def splits_time():
-    """Whether the sequences being traced are split along time across devices: a
-    `keras_aaren.distribution.ContextParallel` with more than one sequence shard, on JAX."""
-    return context_parallel.active_distribution() is not None
-
-
-def token_matmul(x, kernel):
+def token_matmul(x, kernel, keep_time_axis=False):
     """`(..., F) @ (F, K)` for every token, as a 2-D product over the flattened tokens.
 
     TensorFlow differentiates a 3-D-by-2-D matmul with a batched kernel gradient, slower than
-    the plain product of the flattened tokens. When `ContextParallel` splits time across
-    devices, the flattened axis cannot keep that split (time is its minor part), and XLA would
-    gather every token onto every device; there the product keeps the sequence's axes.
+    the plain product of the flattened tokens. When the time axis is split across devices
+    (`keep_time_axis`), the flattened axis could not keep that split (time is its minor part),
+    and XLA would gather every token onto every device; there the product keeps the sequence's
+    axes.
     """
-    if len(x.shape) <= 2 or splits_time():
-        return ops.matmul(x, kernel)
+    if len(x.shape) <= 2 or keep_time_axis:
+        return plumbing.matmul(x, kernel)
     lead = tuple(ops.shape(x)[:-1])
-    flat = ops.matmul(ops.reshape(x, (-1, x.shape[-1])), kernel)
+    flat = plumbing.matmul(ops.reshape(x, (-1, x.shape[-1])), kernel)
     return ops.reshape(flat, lead + (kernel.shape[-1],))
 
 
@@ -57,29 +60,71 @@ def check_token_shape(layer, input_shape):
 
 
 class AttentionCell(keras.layers.Layer):
-    """The constructor, config and state size the cells share.
+    """The arguments, config and state size the cells share.
 
-    A subclass lists its arguments after `num_heads` and `key_dim` in `arguments` (a tuple of
-    `arguments.Argument`) and passes the values it received as a dict; they are checked, stored
-    as attributes (identifiers deserialized) and serialized by `get_config` from that one list.
-    `value_dim=None` means `key_dim`; `input_dim` is known once the cell is built.
+    `AarenCell` and `AarenBlockCell` take, after their own arguments, the projection arguments
+    stored here (`ATTENTION_ARGUMENTS`, documented in their docstrings). `value_dim=None` means
+    `key_dim`; `input_dim` is known once the cell is built.
     """
 
-    arguments = ()
+    #: The constructor arguments of every attention cell, stored and serialized by this class.
+    ATTENTION_ARGUMENTS = (
+        "num_heads",
+        "key_dim",
+        "value_dim",
+        "use_bias",
+        "kernel_initializer",
+        "bias_initializer",
+        "query_initializer",
+        "kernel_regularizer",
+        "bias_regularizer",
+        "query_regularizer",
+        "kernel_constraint",
+        "bias_constraint",
+        "query_constraint",
+    )
 
-    def __init__(self, num_heads, key_dim, values, **kwargs):
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        value_dim=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        query_initializer=None,
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        query_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        query_constraint=None,
+        **kwargs,
+    ):
         check_positive_int("num_heads", num_heads)
         check_positive_int("key_dim", key_dim)
-        values = resolve(self.arguments, values)
+        check_positive_int("value_dim", value_dim, allow_none=True)
+        check_bool("use_bias", use_bias)
+        if query_initializer is None:
+            # Queries of the scale MultiHeadAttention computes from normalized inputs.
+            query_initializer = keras.initializers.RandomNormal(stddev=1.0)
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.key_dim = key_dim
-        for name, value in values.items():
-            setattr(self, name, value)
-        if self.value_dim is None:
-            self.value_dim = key_dim
+        self.value_dim = key_dim if value_dim is None else value_dim
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.query_initializer = keras.initializers.get(query_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.query_regularizer = keras.regularizers.get(query_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.query_constraint = keras.constraints.get(query_constraint)
         self.input_dim = None
-        # Set by `ParallelRNN` while keras.layers.RNN's constructor reads `state_size`.
+        # Set by `ParallelRNN` while keras.layers.RNN's constructor reads `state_size` (see
+        # `keras_aaren.compat`).
         self.width_pending = False
 
     @property
@@ -101,8 +146,22 @@ class AttentionCell(keras.layers.Layer):
         raise NotImplementedError
 
     def get_config(self):
-        config = {"num_heads": self.num_heads, "key_dim": self.key_dim}
-        return {**super().get_config(), **config, **serialize(self.arguments, self)}
+        config = {
+            "num_heads": self.num_heads,
+            "key_dim": self.key_dim,
+            "value_dim": self.value_dim,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "query_initializer": keras.initializers.serialize(self.query_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+            "query_regularizer": keras.regularizers.serialize(self.query_regularizer),
+            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+            "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            "query_constraint": keras.constraints.serialize(self.query_constraint),
+        }
+        return {**super().get_config(), **config}
 
 
 def _check_sequences_shape(layer, shape):
@@ -126,50 +185,89 @@ def learn_width(cell, sequences_shape):
         cell.input_dim = int(sequences_shape[-1])
 
 
-def _in_order(flags):
-    """(B, T) bool -> (B, T) int: the positions where `flags` holds, in order, then the rest.
+class SequenceOptions(typing.NamedTuple):
+    """What a sequence layer's call passes down to its cell besides tensors: everything that
+    changes the computation, so that none of it is read from the layer while it runs."""
 
-    Sorting flagged positions before the others (keys are unique) lists them in order: the c-th
-    flagged position is entry c - 1. A sort and a gather, so it compiles under XLA like the scan.
-    """
-    steps = ops.shape(flags)[1]
-    position = ops.arange(steps)
-    return ops.argsort(ops.where(flags, position, position + steps), axis=1)
+    method: str
+    go_backwards: bool
+    zero_output_for_mask: bool
+    return_sequences: bool
+    # A `keras_aaren.ops.SequenceSharding` when the time axis is split across devices.
+    sharding: object = None
 
 
-def _carry_last_real(outputs, mask, before, starts=None):
-    """Each step's output replaced by that of the last real step of its segment up to it.
-
-    Before its segment's first real step, a step outputs `before` in the first segment and zeros
-    in the others, as each segment would alone.
+def run_sequence(cell, sequences, states, mask, training, segment_ids, options):
+    """A sequence through a cell's parallel form, as `keras.layers.RNN` returns it.
 
     Args:
-        outputs: (B, T, O).
-        mask: (B, T) bool.
-        before: (B, O).
-        starts: optional (B, T) bool, True at a segment's first token.
+        cell: the cell, with `call_sequence`.
+        sequences: (B, T, F).
+        states: the incoming states `[y, c]`: the previous output (B, O), then the cell's state.
+        mask: (B, T) bool or None.
+        training: bool.
+        segment_ids: (B, T) int or None.
+        options: `SequenceOptions`.
 
     Returns:
-        A tuple `(carried, seen, first)`: the outputs (B, T, O), whether each step's segment
-        has seen a real token up to it (B, T), and whether it is the first segment (B, T).
+        `(last_output, outputs, new_states)` as `keras.layers.RNN`'s step loop returns them:
+        outputs (B, T, O), reversed with `go_backwards`, and the outgoing `[y, c]`.
     """
-    count = ops.cumsum(ops.cast(mask, "int32"), axis=1)  # (B, T) real steps up to each
-    source = ops.take_along_axis(_in_order(mask), ops.maximum(count - 1, 0), axis=1)
-    index = ops.repeat(source[..., None], outputs.shape[-1], axis=-1)  # (B, T, O)
-    carried = ops.take_along_axis(outputs, index, axis=1)
-    if starts is None:
-        seen, first = count > 0, ops.ones_like(mask)
+    if mask is not None:
+        mask = ops.cast(mask, "bool")
+    if options.go_backwards:
+        sequences = ops.flip(sequences, axis=1)
+        mask = None if mask is None else ops.flip(mask, axis=1)
+        segment_ids = None if segment_ids is None else ops.flip(segment_ids, axis=1)
+    previous, *states = states
+    outputs, states = cell.call_sequence(
+        sequences,
+        states,
+        mask=mask,
+        method=options.method,
+        last_only=not options.return_sequences and mask is None,
+        training=training,
+        segment_ids=segment_ids,
+        sharding=options.sharding,
+    )  # (B, T or 1, O)
+    if mask is None:
+        last = outputs[:, -1]
     else:
-        # Real steps before a step's segment: the count just before the segment's first token.
-        segment = ops.cumsum(ops.cast(starts, "int32"), axis=1)  # (B, T) starts up to each
-        start = ops.take_along_axis(_in_order(starts), ops.maximum(segment - 1, 0), axis=1)
-        before_segment = ops.take_along_axis(count - ops.cast(mask, "int32"), start, axis=1)
-        first = segment == 0
-        seen = count > ops.where(first, 0, before_segment)
-    otherwise = ops.where(
-        first[..., None], ops.cast(before, carried.dtype)[:, None], ops.zeros_like(carried)
-    )
-    return ops.where(seen[..., None], carried, otherwise), seen, first
+        # keras.layers.RNN outputs, at a masked step, the output of the last real step
+        # (before the first real token of the call, what its backend's loop outputs there),
+        # or 0 with zero_output_for_mask. A cell's output at a masked step need not equal
+        # that (a block's residual sees the masked token's input), so carry the last real
+        # output forward. The state keeps the last real output, or the incoming one if the
+        # call saw no real token; with segments, the same within each segment.
+        before = output_before_first_real_step(previous)
+        starts = None if segment_ids is None else segment_starts(segment_ids)
+        carried, seen, first = carry_last_real(outputs, mask, before, starts)
+        incoming = ops.where(
+            first[:, -1:], ops.cast(previous, carried.dtype), ops.zeros_like(carried[:, -1])
+        )
+        last = ops.where(seen[:, -1:], carried[:, -1], incoming)
+        if options.zero_output_for_mask:
+            outputs = ops.where(mask[..., None], outputs, ops.zeros_like(outputs))
+        else:
+            outputs = carried
+    return outputs[:, -1], outputs, [ops.cast(last, previous.dtype), *states]
+
+
+def _eager_program(cell_ref, options):
+    """`run_sequence` of a cell as one JAX program, with the cell's weights as arguments.
+
+    The program reaches the cell through a weak reference, so that a kept program does not keep
+    its layer alive; the layer drops its programs when it goes (`ParallelRNN.__init__`).
+    """
+    import jax
+
+    def run(values, sequences, states, mask, segment_ids):
+        cell = cell_ref()
+        mapping = list(zip(cell.variables, values))
+        with keras.StatelessScope(state_mapping=mapping):
+            return run_sequence(cell, sequences, states, mask, False, segment_ids, options)
+
+    return jax.jit(run)
 
 
 class ParallelRNN(keras.layers.RNN):
@@ -177,17 +275,22 @@ class ParallelRNN(keras.layers.RNN):
 
     The cell implements the usual one-token `call(inputs, states)`, whose first state is the
     previous output (Keras' convention: its JAX loop outputs that state at a masked timestep),
-    and also `call_sequence(sequences, states, mask, method, last_only, training)`, which takes
-    the other states, and returns the outputs of every timestep (or of the last one) and the
-    final other states in one pass. This class replaces `keras.layers.RNN.inner_loop` with that
-    call, seeded by the incoming state, tracks the previous output itself, and keeps everything
-    else of `keras.layers.RNN`: `return_sequences`, `return_state`, `initial_state`, `stateful`,
+    and also `call_sequence(sequences, states, mask, method, last_only, training, segment_ids,
+    sharding)`, which takes the other states and returns the outputs of every timestep (or of
+    the last one) and the final other states in one pass. This class's `call` runs that, seeded
+    by the incoming state, tracks the previous output itself, and keeps everything else of
+    `keras.layers.RNN`: `return_sequences`, `return_state`, `initial_state`, `stateful`,
     `go_backwards`, `zero_output_for_mask` and masking mean what they mean there.
-    `method="sequential"` runs `keras.layers.RNN`'s step loop over the cell instead.
+    `method="sequential"` without `segment_ids` runs `keras.layers.RNN`'s own call, its step
+    loop over the cell.
+
+    Everything a call needs travels as arguments (`run_sequence`): nothing of a call is kept on
+    the layer, so one layer can serve several threads at once.
 
     Args:
-        cell: the cell, with `call`, `call_sequence`, `state_size` and `output_size`; its
-            `state_size` may depend on the input width, and is read again after `build`.
+        cell: an `AttentionCell`, with `call`, `call_sequence`, `state_size` and
+            `output_size`; its `state_size` may depend on the input width, and is read again
+            after `build`.
         method: passed to the cell's `call_sequence`; `"sequential"` steps the cell.
         **kwargs: the arguments of `keras.layers.RNN`.
     """
@@ -204,29 +307,113 @@ class ParallelRNN(keras.layers.RNN):
             cell.width_pending = False
         self.method = method
         self.supports_masking = True
-        self._segment_ids = None
+        # The key of this layer's programs for eager calls on JAX: a token, not the layer, so
+        # that a kept program keeps no layer alive, and a later layer at the same address
+        # never finds this one's programs. They are dropped when the layer is collected.
+        self._program_owner = object()
+        weakref.finalize(self, plumbing.EAGER_PROGRAMS.drop, self._program_owner)
+
+    # The arguments of the attention cell, as `keras.layers.LSTM` shows those of its cell.
+    @property
+    def num_heads(self):
+        return self.cell.num_heads
+
+    @property
+    def key_dim(self):
+        return self.cell.key_dim
+
+    @property
+    def value_dim(self):
+        return self.cell.value_dim
+
+    @property
+    def use_bias(self):
+        return self.cell.use_bias
+
+    @property
+    def kernel_initializer(self):
+        return self.cell.kernel_initializer
+
+    @property
+    def bias_initializer(self):
+        return self.cell.bias_initializer
+
+    @property
+    def query_initializer(self):
+        return self.cell.query_initializer
+
+    @property
+    def kernel_regularizer(self):
+        return self.cell.kernel_regularizer
+
+    @property
+    def bias_regularizer(self):
+        return self.cell.bias_regularizer
+
+    @property
+    def query_regularizer(self):
+        return self.cell.query_regularizer
+
+    @property
+    def kernel_constraint(self):
+        return self.cell.kernel_constraint
+
+    @property
+    def bias_constraint(self):
+        return self.cell.bias_constraint
+
+    @property
+    def query_constraint(self):
+        return self.cell.query_constraint
 
     def build(self, sequences_shape, initial_state_shape=None, segment_ids_shape=None):
         _check_sequences_shape(self, sequences_shape)
         super().build(sequences_shape, initial_state_shape)
-        # keras.layers.RNN copies the cell's state sizes when constructed; the previous output's
+        # keras.layers.RNN copied the cell's state sizes when constructed; the previous output's
         # size is known only once the cell is built.
         self.state_size = list(self.cell.state_size)
 
     def call(self, sequences, initial_state=None, mask=None, training=False, segment_ids=None):
+        self._check_call(sequences, initial_state, mask, segment_ids)
+        if self.method == "sequential" and segment_ids is None:
+            return super().call(
+                sequences, initial_state=initial_state, mask=mask, training=training
+            )
+        states = self._incoming_states(sequences, initial_state)
+        options = SequenceOptions(
+            self.method,
+            self.go_backwards,
+            self.zero_output_for_mask,
+            self.return_sequences,
+            current_sequence_sharding(),
+        )
+        if not training and plumbing.runs_eagerly_on_jax(sequences, states, mask, segment_ids):
+            last, outputs, states = self._eager_sequence(
+                sequences, states, mask, segment_ids, options
+            )
+        else:
+            last, outputs, states = run_sequence(
+                self.cell, sequences, states, mask, training, segment_ids, options
+            )
+        dtype = self.compute_dtype
+        states = [ops.cast(s, dtype) for s in states]
+        if self.stateful:
+            for variable, state in zip(self.states, states):
+                variable.assign(state)
+        output = ops.cast(outputs if self.return_sequences else last, dtype)
+        if self.return_state:
+            return output, *states
+        return output
+
+    def _check_call(self, sequences, initial_state, mask, segment_ids):
         check_float(self, sequences)
         _check_sequences_shape(self, sequences.shape)
         batch, steps = sequences.shape[0], sequences.shape[1]
         if mask is not None:
             check_shape("mask", mask.shape, (batch, steps), "(batch_size, timesteps)")
         if segment_ids is not None:
-            check_shape("segment_ids", segment_ids.shape, (batch, steps), "(batch_size, timesteps)")
             dtype = keras.backend.standardize_dtype(segment_ids.dtype)
-            if "int" not in dtype:
-                raise ValueError(
-                    f"Layer '{self.name}' expects integer `segment_ids`, one segment id per "
-                    f"token. Received: segment_ids.dtype={dtype}"
-                )
+            check_segment_ids(segment_ids.shape, dtype, (batch, steps))
         if initial_state is not None:
             states = initial_state if isinstance(initial_state, (list, tuple)) else [initial_state]
             expected = [(batch, size) for size in self.cell.state_size]
@@ -237,34 +424,30 @@ class ParallelRNN(keras.layers.RNN):
                 )
             for name, state, shape in zip(("y", "c"), states, expected):
                 check_shape(f"initial_state.{name}", state.shape, shape, "(batch_size, size)")
-        # keras.layers.RNN.call hands `inner_loop` the sequences, state, mask and training only;
-        # the segment ids of this call wait here for it.
-        self._segment_ids = segment_ids
-        try:
-            return super().call(
-                sequences, initial_state=initial_state, mask=mask, training=training
-            )
-        finally:
-            self._segment_ids = None
 
-    def compute_output_shape(
-        self, sequences_shape, initial_state_shape=None, segment_ids_shape=None
-    ):
-        # Answers from the input shape before the cell is built, as keras.layers.LSTM does.
-        learn_width(self.cell, sequences_shape)
-        self.state_size = list(self.cell.state_size)
-        return super().compute_output_shape(sequences_shape, initial_state_shape)
+    def _incoming_states(self, sequences, initial_state):
+        """The states a call starts from, in the cell's compute dtype, as `keras.layers.RNN`
+        takes them: the given ones, else a stateful layer's, else zeros."""
+        if initial_state is None:
+            if self.stateful:
+                initial_state = self.states
+            else:
+                initial_state = self.get_initial_state(ops.shape(sequences)[0])
+        elif not isinstance(initial_state, (list, tuple)):
+            initial_state = [initial_state]
+        if self.stateful and self.states is not None:
+            expected, received = self.states[0].shape[0], sequences.shape[0]
+            if received is not None and received != expected:
+                raise ValueError(
+                    f"Layer '{self.name}' is stateful with a batch size of {expected}: its "
+                    f"`sequences` must have that batch size. Received: sequences.shape="
+                    f"{tuple(sequences.shape)}"
+                )
+        dtype = self.cell.compute_dtype
+        return [ops.convert_to_tensor(state, dtype=dtype) for state in initial_state]
 
-    def inner_loop(self, sequences, initial_state, mask, training=False):
-        segment_ids = self._segment_ids
-        if not training and plumbing.runs_eagerly_on_jax(
-            sequences, initial_state, mask, segment_ids
-        ):
-            return self._eager_inner_loop(sequences, initial_state, mask, segment_ids)
-        return self._inner_loop(sequences, initial_state, mask, training, segment_ids)
-
-    def _eager_inner_loop(self, sequences, initial_state, mask, segment_ids):
-        """`_inner_loop` of an eager call on JAX, as one program per length bucket.
+    def _eager_sequence(self, sequences, states, mask, segment_ids, options):
+        """`run_sequence` of an eager call on JAX, as one program per length bucket.
 
         Op by op, every new length compiles each of the layer's primitives again and JAX keeps
         them all, so a process that calls a layer eagerly on many lengths would grow without
@@ -276,69 +459,29 @@ class ParallelRNN(keras.layers.RNN):
         """
         steps = sequences.shape[1]
         (sequences,), mask, segment_ids = plumbing.pad_to_bucket(
-            (sequences,), mask, segment_ids, DEFAULT_CHUNK_SIZE, front=self.go_backwards
+            (sequences,), mask, segment_ids, DEFAULT_CHUNK_SIZE, front=options.go_backwards
         )
-        variables = list(self.cell.variables)
-
-        def run(values, sequences, initial_state, mask, segment_ids):
-            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return self._inner_loop(sequences, initial_state, mask, False, segment_ids)
-
-        signature = tuple(
-            None if x is None else (tuple(x.shape), keras.backend.standardize_dtype(x.dtype))
-            for x in (sequences, segment_ids, *initial_state)
-        )
-        program = plumbing.eager_program(run, (id(self), signature))
-        values = [v.value for v in variables]
-        _, outputs, states = program(values, sequences, initial_state, mask, segment_ids)
+        shapes = plumbing.signature(sequences, segment_ids, *states)
+        key = (self._program_owner, options, self.cell.compute_dtype, shapes)
+        cell = weakref.ref(self.cell)
+        program = plumbing.EAGER_PROGRAMS.get(key, lambda: _eager_program(cell, options))
+        values = [v.value for v in self.cell.variables]
+        _, outputs, states = program(values, sequences, states, mask, segment_ids)
         # With go_backwards the padding came first, and so it ends the flipped outputs.
         outputs = outputs[:, :steps]
         return outputs[:, -1], outputs, states
 
-    def _inner_loop(self, sequences, initial_state, mask, training, segment_ids=None):
-        # keras.layers.RNN's step loop knows no segments; with them, the cell's parallel form
-        # runs its own sequential scan.
-        if self.method == "sequential" and segment_ids is None:
-            return super().inner_loop(sequences, initial_state, mask, training=training)
-        if mask is not None:
-            mask = ops.cast(mask, "bool")
-        if self.go_backwards:
-            sequences = ops.flip(sequences, axis=1)
-            mask = None if mask is None else ops.flip(mask, axis=1)
-            segment_ids = None if segment_ids is None else ops.flip(segment_ids, axis=1)
-        # The previous output (B, O), then the states the cell's parallel form takes.
-        previous, *states = initial_state
-        outputs, states = self.cell.call_sequence(
-            sequences,
-            states,
-            mask=mask,
-            method=self.method,
-            last_only=not self.return_sequences and mask is None,
-            training=training,
-            segment_ids=segment_ids,
-        )  # (B, T or 1, O)
-        if mask is None:
-            last = outputs[:, -1]
-        else:
-            # keras.layers.RNN outputs, at a masked step, the output of the last real step
-            # (before the first real token of the call, what its backend's loop outputs there),
-            # or 0 with zero_output_for_mask. A cell's output at a masked step need not equal
-            # that (a block's residual sees the masked token's input), so carry the last real
-            # output forward. The state keeps the last real output, or the incoming one if the
-            # call saw no real token.
-            # With segments, the same within each segment, which starts from nothing seen.
-            before = output_before_first_real_step(previous)
-            starts = None if segment_ids is None else segment_starts(segment_ids)
-            carried, seen, first = _carry_last_real(outputs, mask, before, starts)
-            incoming = ops.where(
-                first[:, -1:], ops.cast(previous, carried.dtype), ops.zeros_like(carried[:, -1])
-            )
-            last = ops.where(seen[:, -1:], carried[:, -1], incoming)
-            if self.zero_output_for_mask:
-                outputs = ops.where(mask[..., None], outputs, ops.zeros_like(outputs))
-            else:
-                outputs = carried
-        return outputs[:, -1], outputs, [ops.cast(last, previous.dtype), *states]
+    def compute_output_shape(
+        self, sequences_shape, initial_state_shape=None, segment_ids_shape=None
+    ):
+        # Answers from the input shape before the cell is built, as keras.layers.LSTM does.
+        learn_width(self.cell, sequences_shape)
+        batch, steps = sequences_shape[0], sequences_shape[1]
+        size = self.cell.output_size
+        output_shape = (batch, steps, size) if self.return_sequences else (batch, size)
+        if self.return_state:
+            return output_shape, *((batch, n) for n in self.cell.state_size)
+        return output_shape
 
     @property
     def variables(self):
@@ -357,9 +500,9 @@ class ParallelRNN(keras.layers.RNN):
         # The layer builds its own cell: its config holds the cell's arguments, not the cell.
         config = super().get_config()
         del config["cell"]
-        cell_config = self.cell.get_config()
-        names = ("num_heads", "key_dim", *(a.name for a in self.cell.arguments))
-        return {**config, **{name: cell_config[name] for name in names}, "method": self.method}
+        cell = self.cell.get_config()
+        arguments = {name: cell[name] for name in AttentionCell.ATTENTION_ARGUMENTS}
+        return {**config, **arguments, "method": self.method}
 
     @classmethod
     def from_config(cls, config):

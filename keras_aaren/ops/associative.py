@@ -9,7 +9,8 @@ Shape letters: B batch, T timesteps, H heads, D value dimension.
 
 from keras import ops
 
-from keras_aaren.ops.recurrence import aaren_combine, combine_unless, readout, token_leaves
+from keras_aaren.ops.recurrence import aaren_combine, readout, token_leaves
+from keras_aaren.ops.segments import after_first_start, combine_segments, combine_unless
 
 
 def scan_associative(scores, values, state, mask, starts=None):
@@ -24,8 +25,7 @@ def scan_associative(scores, values, state, mask, starts=None):
     if starts is None:
         prefix = ops.associative_scan(aaren_combine, leaves, axis=1)
     else:
-        # Each leaf also says whether a segment starts at it: B after A is B alone if B starts
-        # afresh, and the flag is an OR. The operator stays associative.
+        # Each leaf also says whether a segment starts at it (`combine_segments`).
         flags = ops.cast(ops.broadcast_to(starts[..., None], ops.shape(scores)), scores.dtype)
         *prefix, _ = ops.associative_scan(combine_segments, (*leaves, flags), axis=1)
     # keras.ops.associative_scan on TensorFlow loses even the rank; give the leaves' shape back.
@@ -34,15 +34,6 @@ def scan_associative(scores, values, state, mask, starts=None):
     if starts is None:
         total = aaren_combine(start, prefix)
     else:
-        later = (ops.cumsum(ops.cast(starts, "int32"), axis=1) > 0)[..., None]  # (B, T, 1)
-        total = combine_unless(later, start, prefix)
+        total = combine_unless(after_first_start(starts)[..., None], start, prefix)
     final = tuple(x[:, -1] for x in total)
     return readout(total), final
-
-
-def combine_segments(a, b):
-    """⊕ on leaves `(m, u, w, started)`: `b` alone where a segment starts in it."""
-    *state_a, started_a = a
-    *state_b, started_b = b
-    state = combine_unless(started_b > 0, state_a, state_b)
-    return (*state, ops.maximum(started_a, started_b))

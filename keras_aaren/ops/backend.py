@@ -1,8 +1,10 @@
-"""Backend plumbing of the ops, in one place: matmul precision and custom gradients.
+"""Backend plumbing of the ops, in one place: matmul precision, custom gradients, and the
+programs compiled for eager calls on JAX.
 
 The algorithms in this package are written once on `keras.ops`. What differs between
-TensorFlow, JAX and PyTorch is how a hand-written gradient is attached and how float32 matrix
-products round on a GPU; those conventions live here and nowhere else.
+TensorFlow, JAX and PyTorch is how a hand-written gradient is attached, how float32 matrix
+products round on a GPU, and in which dtype PyTorch multiplies float64 matrices; those
+conventions live here and nowhere else.
 
 The ops are plain `keras.ops`, traced and compiled by their caller (Keras' `fit`, `predict` and
 `evaluate`, a user's `jax.jit` or `tf.function`) for whatever lengths the caller allows, static
@@ -15,6 +17,7 @@ grow a process that sees many lengths.
 import collections
 import contextlib
 import math
+import threading
 
 from keras import backend, ops
 
@@ -48,6 +51,18 @@ def full_precision_matmuls():
 
         return jax.default_matmul_precision("highest")
     return contextlib.nullcontext()
+
+
+def matmul(a, b):
+    """`keras.ops.matmul`, except that a float64 product is computed in float64 on every backend.
+
+    Keras' type promotion computes a float64 `matmul` in float32 on PyTorch (it follows JAX's
+    default of 32-bit types); `einsum` keeps the dtype of its inputs there. Other dtypes, and
+    other backends, take `keras.ops.matmul` as it is.
+    """
+    if backend.backend() == "torch" and backend.standardize_dtype(a.dtype) == "float64":
+        return ops.einsum("...ij,...jk->...ik", a, b)
+    return ops.matmul(a, b)
 
 
 def with_gradient(forward):
@@ -108,22 +123,70 @@ def _unpack(flat, shapes):
 
 # Eager calls on JAX. Run op by op, the scan's hundred-odd primitives each compile for every new
 # shape, and JAX keeps each of those programs: a process that sees many lengths grows by tens
-# of MiB per length. Eagerly, the scan instead runs as one program per length bucket (the
-# length padded up to a power of two, the padding masked), and only the `eager_program_limit()`
-# most recently used programs are kept. A caller's trace (`jax.jit`, Keras' compiled steps)
-# never reaches this: there the scan is plain `keras.ops` in the caller's program.
-_eager_limit = 8
-_eager_programs = collections.OrderedDict()
+# of MiB per length. Eagerly, the scan (and a layer's whole sequence computation) instead runs
+# as one program per length bucket (the length padded up to a power of two, the padding
+# masked), and only the most recently used programs are kept. A caller's trace (`jax.jit`,
+# Keras' compiled steps) never reaches this: there the scan is plain `keras.ops` in the
+# caller's program.
+
+
+class ProgramCache:
+    """The compiled programs of eager calls on JAX: bounded, least recently used first out.
+
+    A key holds everything the program depends on besides its array arguments: what computes
+    (an owner token for a layer, the options that change its trace) and the shapes and dtypes of
+    the arguments. A program holds no strong reference to a layer (see `layers.base`); `drop`
+    forgets an owner's programs when it is garbage-collected. Safe to use from several threads.
+    """
+
+    def __init__(self, limit=8):
+        self._limit = limit
+        self._programs = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, make):
+        """The program of `key`, made by `make()` on first use; the least recently used beyond
+        the limit are dropped."""
+        with self._lock:
+            program = self._programs.pop(key, None)
+            if program is None:
+                program = make()
+            self._programs[key] = program
+            self._evict()
+            return program
+
+    def drop(self, owner):
+        """Forget every program whose key starts with `owner`."""
+        with self._lock:
+            for key in [k for k in self._programs if k[0] is owner]:
+                del self._programs[key]
+
+    def set_limit(self, limit):
+        with self._lock:
+            self._limit = limit
+            self._evict()
+
+    def __len__(self):
+        return len(self._programs)
+
+    def _evict(self):
+        while len(self._programs) > self._limit:
+            self._programs.popitem(last=False)
+
+
+#: The programs of eager calls on JAX, of `aaren_scan` and of the layers alike.
+EAGER_PROGRAMS = ProgramCache()
 
 
 def set_eager_program_limit(limit):
-    """Set how many programs the scan keeps compiled for eager calls on JAX.
+    """Set how many programs the scan and the layers keep compiled for eager calls on JAX.
 
     Called eagerly on JAX (outside any `jax.jit` or Keras' compiled `fit` and `predict`),
-    `aaren_scan` runs as one compiled program per shape, with the length padded up to a power of
-    two (at least the chunk size) and the padding masked, so that sequences of any length share a
-    few programs. The least recently used program beyond `limit` is dropped. Other backends
-    compile nothing eagerly; there this setting has no effect.
+    `aaren_scan` and the layers run as one compiled program per shape, with the length padded
+    up to a power of two (at least the chunk size) and the padding masked, so that sequences of
+    any length share a few programs. The least recently used program beyond `limit` is dropped,
+    and a layer's programs go when the layer does. Other backends compile nothing eagerly;
+    there this setting has no effect.
 
     Args:
         limit: int >= 1, the number of programs kept (8 by default).
@@ -140,14 +203,12 @@ def set_eager_program_limit(limit):
         True
         >>> set_eager_program_limit(8)
     """
-    global _eager_limit
     check_positive_int("limit", limit)
-    _eager_limit = limit
-    _evict()
+    EAGER_PROGRAMS.set_limit(limit)
 
 
 def eager_program_count():
-    """How many programs the scan holds compiled for eager calls (0 except on JAX).
+    """How many programs the scan and the layers hold compiled for eager calls (0 except on JAX).
 
     Returns:
         int, at most the limit of `set_eager_program_limit`.
@@ -156,22 +217,27 @@ def eager_program_count():
         >>> eager_program_count() >= 0
         True
     """
-    return len(_eager_programs)
-
-
-def _evict():
-    while len(_eager_programs) > _eager_limit:
-        _eager_programs.popitem(last=False)
+    return len(EAGER_PROGRAMS)
 
 
 def runs_eagerly_on_jax(*tensors):
-    """Whether a JAX call is eager: none of `tensors` belongs to a caller's trace."""
+    """Whether a JAX call is eager: none of `tensors` belongs to a caller's trace.
+
+    `jax.core.Tracer` is the class of every traced value (see `keras_aaren.compat`).
+    """
     if backend.backend() != "jax":
         return False
     import jax
 
     leaves = jax.tree_util.tree_leaves(tensors)
     return not any(isinstance(x, jax.core.Tracer) for x in leaves)
+
+
+def signature(*tensors):
+    """The shapes and dtypes of `tensors` (None stays None): what a program is traced for."""
+    return tuple(
+        None if x is None else (tuple(x.shape), backend.standardize_dtype(x.dtype)) for x in tensors
+    )
 
 
 def padded_length(length, multiple):
@@ -209,19 +275,3 @@ def pad_to_bucket(tensors, mask, segment_ids, multiple, front=False):
     if segment_ids is not None:
         segment_ids = ops.pad(segment_ids, widths(segment_ids), mode="edge")
     return tensors, mask, segment_ids
-
-
-def eager_program(fn, key):
-    """The compiled program of `fn` for `key`, compiled on first use, most recently used kept.
-
-    Each program is the `jax.jit` of its own function object, so that dropping it releases what
-    JAX compiled for it.
-    """
-    import jax
-
-    program = _eager_programs.pop(key, None)
-    if program is None:
-        program = jax.jit(lambda *args: fn(*args))
-    _eager_programs[key] = program
-    _evict()
-    return program

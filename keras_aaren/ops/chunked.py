@@ -12,14 +12,13 @@ L length of the axis a helper reduces over.
 
 from keras import ops
 
-from keras_aaren.ops.backend import full_precision_matmuls, with_gradient
-from keras_aaren.ops.recurrence import (
-    aaren_combine,
+from keras_aaren.ops.backend import full_precision_matmuls, matmul, with_gradient
+from keras_aaren.ops.recurrence import aaren_combine, identity_state, lowest, readout, token_leaves
+from keras_aaren.ops.segments import (
+    after_first_start,
     combine_unless,
-    identity_state,
-    lowest,
-    readout,
-    token_leaves,
+    in_last_segment,
+    segment_index,
 )
 
 # The intra-chunk work grows as T·C, while below 8 the prefix over chunk summaries dominates;
@@ -96,7 +95,7 @@ def dense_prefix(m, u, w, resets=None):
     causal = idx[:, None] >= idx[None, :]  # (L, L), row k and column i
     if resets is not None:
         # Leaf i reaches row k when no reset lies in (i, k]: the same count of resets up to both.
-        run = ops.cumsum(ops.cast(resets, "int32"), axis=-1)
+        run = segment_index(resets)
         causal = ops.logical_and(causal, ops.equal(run[..., :, None], run[..., None, :]))
     logits = ops.where(causal, m[..., None, :], neg)  # (..., L, L)
     m_prefix = ops.stop_gradient(ops.max(logits, axis=-1))  # (..., L)
@@ -105,7 +104,7 @@ def dense_prefix(m, u, w, resets=None):
     scale = ops.where(causal, ops.exp(logits - m_prefix[..., None]), 0.0)  # (..., L, L)
     u_prefix = ops.sum(scale * u[..., None, :], axis=-1)
     with full_precision_matmuls():
-        w_prefix = ops.matmul(scale, w)
+        w_prefix = matmul(scale, w)
     return m_prefix, u_prefix, w_prefix
 
 
@@ -162,8 +161,7 @@ def blocked_prefix(m, u, w, chunk_size, levels=DYNAMIC_LEVELS, resets=None):
         total = aaren_combine(carry, local)
     else:
         # A row after a reset in its own chunk takes nothing from the chunks before.
-        fresh = ops.cumsum(ops.cast(resets, "int32"), axis=-1) > 0  # (B, 1 or H, N, C)
-        total = combine_unless(fresh, carry, local)
+        total = combine_unless(after_first_start(resets), carry, local)
     m_tot, u_tot = (ops.reshape(x, (b, h, n * chunk_size))[:, :, :t] for x in total[:2])
     w_tot = ops.reshape(total[2], (b, h, n * chunk_size, d))[:, :, :t]
     return m_tot, u_tot, w_tot
@@ -179,8 +177,7 @@ def seeded(start, prefix, resets):
     start = (m0[..., None], u0[..., None], w0[:, :, None])
     if resets is None:
         return aaren_combine(start, prefix)
-    later = ops.cumsum(ops.cast(resets, "int32"), axis=-1) > 0  # (B, 1, T)
-    return combine_unless(later, start, prefix)
+    return combine_unless(after_first_start(resets), start, prefix)
 
 
 def chunked_forward(scores, values, start, mask, chunk_size, resets=None):
@@ -241,9 +238,8 @@ def chunked_backward(
         # token starts one.
         ends = ops.concatenate([resets[:, 1:], ops.zeros_like(resets[:, :1])], axis=1)
         reverse_resets = ops.flip(ends, axis=1)[:, None, :]  # (B, 1, T)
-        run = ops.cumsum(ops.cast(resets, "int32"), axis=1)  # (B, T)
-        in_last = ops.equal(run, run[:, -1:])[:, None, :]  # (B, 1, T)
-        in_first = ops.equal(run[:, -1:], 0)  # (B, 1): one segment only
+        in_last = in_last_segment(resets)[:, None, :]  # (B, 1, T)
+        in_first = ops.logical_not(ops.any(resets, axis=1, keepdims=True))  # (B, 1): one segment
     suffix_m, _, suffix_w = (
         ops.flip(x, axis=2) for x in blocked_prefix(*reverse, chunk_size, resets=reverse_resets)
     )  # (B, H, T), _, (B, H, T, D + 1)

@@ -1,7 +1,8 @@
 """Context parallelism: one sequence's scan split along time across devices.
 
-Under `keras_aaren.distribution.ContextParallel`, each device holds 1/N of the time axis. The scan
-crosses time only through the state $(m, u, w)$, so each shard
+With a `SequenceSharding` (which `keras_aaren.distribution.ContextParallel` gives its layers),
+each device holds 1/N of the time axis. The scan crosses time only through the state
+$(m, u, w)$, so each shard
 
 1. reduces its own tokens to the summary of its last segment, $(m, u, w)$ with
    $m = \\max s_i$, $u = \\sum e^{s_i - m}$, $w = \\sum e^{s_i - m} v_i$ over the real tokens after
@@ -19,28 +20,49 @@ and the local scan keeps its closed-form gradient. No token crosses a device.
 
 The reduction and the fold are `keras.ops`; placing them on the devices is JAX's `shard_map`
 (Keras' distribution API is JAX-only), so that plumbing stays in this module, beside the one
-algorithm that needs it, rather than in `backend`, which serves every backend.
+algorithm that needs it, rather than in `backend`, which serves every backend. PyTorch and
+TensorFlow have no context parallelism here.
 
 Shape letters: B batch, T timesteps, H heads, D value dimension, N shards.
 """
+
+import dataclasses
 
 import keras
 from keras import ops
 
 from keras_aaren.ops.recurrence import aaren_combine, lowest, scan_dtype
+from keras_aaren.ops.segments import (
+    final_state,
+    in_last_segment,
+    per_row,
+    reset_rows,
+    segment_starts,
+)
 
 
-def active_distribution():
-    """The `ContextParallel` distribution in effect if it splits time on JAX, else None."""
-    if keras.backend.backend() != "jax":
-        return None
-    # Imported here: the distribution module is the package's top level, above the ops.
-    from keras_aaren.distribution import ContextParallel
+@dataclasses.dataclass(frozen=True, eq=False)
+class SequenceSharding:
+    """Where a scan's time axis is split: the devices along one axis of a Keras device mesh.
 
-    distribution = keras.distribution.distribution()
-    if not isinstance(distribution, ContextParallel) or distribution.num_sequence_shards < 2:
-        return None
-    return distribution
+    Pass it to `keras_aaren.ops.aaren_scan` as `sharding`; under
+    `keras_aaren.distribution.ContextParallel` the layers pass the one of its mesh
+    (`ContextParallel.sequence_sharding`). JAX only, as `keras.distribution` is.
+
+    Args:
+        device_mesh: a `keras.distribution.DeviceMesh`.
+        sequence_axis: str, the mesh axis whose devices split the time axis.
+        batch_axis: optional str, the mesh axis whose devices split the batch axis.
+    """
+
+    device_mesh: keras.distribution.DeviceMesh
+    sequence_axis: str
+    batch_axis: str | None = None
+
+    @property
+    def num_shards(self):
+        """How many devices share one sequence."""
+        return dict(zip(self.device_mesh.axis_names, self.device_mesh.shape))[self.sequence_axis]
 
 
 def shard_summary(scores, values, mask=None, starts=None):
@@ -62,8 +84,7 @@ def shard_summary(scores, values, mask=None, starts=None):
     real = None if mask is None else mask
     has_start = ops.zeros(ops.shape(scores)[:1], dtype="bool")
     if starts is not None:
-        run = ops.cumsum(ops.cast(starts, "int32"), axis=1)
-        last = ops.equal(run, run[:, -1:])
+        last = in_last_segment(starts)
         real = last if real is None else ops.logical_and(real, last)
         has_start = ops.any(starts, axis=1)
     neg = lowest(scores.dtype)
@@ -96,9 +117,6 @@ def shard_message(scores, values, mask=None, segment_ids=None):
         ints (B, 3), `[a segment starts inside, first segment id, last segment id]`, or None
         without segment ids.
     """
-    # Imported here: `scan` dispatches to this module.
-    from keras_aaren.ops.scan import segment_starts
-
     dtype = scan_dtype(values.dtype)
     starts = None if segment_ids is None else segment_starts(segment_ids)
     (m, u, w), has_start = shard_summary(
@@ -141,21 +159,11 @@ def scan_shard(local_scan, scores, values, initial, mask, segment_ids, floats, i
         at_border = ops.take(border, index, axis=0)  # (B,)
     entering = entering_state(initial, summaries, restarts, index)
     # A segment starting on this shard's first token starts from nothing seen.
-    entering = tuple(ops.where(_rows(at_border, x), ops.zeros_like(x), x) for x in entering)
+    entering = reset_rows(entering, at_border)
     outputs, final = local_scan(scores, values, entering, mask, segment_ids)
     # A row whose last segment saw no real token ends, as on one device, in the initial state,
     # or in the empty one if a segment started anywhere in the sequence.
-    anywhere = ops.any(restarts, axis=0)  # (B,)
-    seen = final[1] > 0
-    final = tuple(
-        ops.where(
-            seen if len(f.shape) == 2 else seen[..., None],
-            f,
-            ops.where(_rows(anywhere, x), ops.zeros_like(x), x),
-        )
-        for f, x in zip(final, initial)
-    )
-    return outputs, final
+    return outputs, final_state(final, initial, ops.any(restarts, axis=0))
 
 
 def entering_state(initial, summaries, restarts, index):
@@ -179,18 +187,13 @@ def entering_state(initial, summaries, restarts, index):
         summary = tuple(x[i] for x in summaries)
         joined = aaren_combine(state, summary)
         restart = restarts[i]  # (B,)
-        state = tuple(ops.where(_rows(restart, s), s, j) for s, j in zip(summary, joined))
+        state = tuple(ops.where(per_row(restart, s), s, j) for s, j in zip(summary, joined))
         entering = tuple(ops.where(ops.equal(index, i + 1), s, e) for s, e in zip(state, entering))
     return entering
 
 
-def _rows(flag, x):
-    """A (B,) flag shaped to broadcast against `x`, (B, ...)."""
-    return ops.reshape(flag, (-1,) + (1,) * (len(x.shape) - 1))
-
-
-def scan_context_parallel(local_scan, scores, values, initial_state, mask, segment_ids, dist):
-    """`local_scan` over a sequence whose time axis is split on `dist`'s sequence axis.
+def scan_context_parallel(local_scan, scores, values, initial_state, mask, segment_ids, sharding):
+    """`local_scan` over a sequence whose time axis is split on `sharding`'s sequence axis.
 
     Each shard runs `shard_message`, one all-gather of the messages, and `scan_shard`, under
     `jax.shard_map` on the distribution's mesh (its devices may span processes).
@@ -199,7 +202,7 @@ def scan_context_parallel(local_scan, scores, values, initial_state, mask, segme
         local_scan: `fn(scores, values, initial_state, mask, segment_ids) -> (outputs, final)`,
             the one-device scan (`aaren_scan` without dispatch); it runs on each shard.
         scores, values, initial_state, mask, segment_ids: as for `aaren_scan`, tensors.
-        dist: the `ContextParallel` distribution in effect.
+        sharding: a `SequenceSharding`.
 
     Returns:
         `(outputs, final_state)`, as `aaren_scan`.
@@ -207,9 +210,9 @@ def scan_context_parallel(local_scan, scores, values, initial_state, mask, segme
     import jax
     from jax.sharding import PartitionSpec
 
-    mesh = dist.device_mesh
+    mesh = sharding.device_mesh
     sizes = dict(zip(mesh.axis_names, mesh.shape))
-    seq = dist.sequence_dim_name
+    seq = sharding.sequence_axis
     shards = sizes[seq]
     b, steps, h = scores.shape
     d = values.shape[-1]
@@ -239,7 +242,7 @@ def scan_context_parallel(local_scan, scores, values, initial_state, mask, segme
 
     # Rows split on the batch axis where it divides the batch; otherwise every batch shard
     # computes all rows (the same result, done twice).
-    batch = dist.batch_dim_name
+    batch = sharding.batch_axis
     if batch is not None and b % sizes[batch]:
         batch = None
     tokens = PartitionSpec(batch, seq)

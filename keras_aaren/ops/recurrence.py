@@ -1,4 +1,4 @@
-"""Aaren as a recurrence: the state, the ⊕ operator, one step, the readout, the sequential scan.
+"""Aaren as a recurrence: the state, the ⊕ operator, one step and the readout.
 
 Aaren (Feng et al., "Attention as an RNN", arXiv 2405.13956) attends with one learned query per
 head, so its output at token k is a softmax-weighted mean of the values seen so far:
@@ -51,6 +51,15 @@ def identity_state(batch_size, num_heads, value_dim, dtype="float32"):
     return m, u, w
 
 
+def larger(a, b):
+    """The elementwise max of `a` and `b`, in the dtype of `a`.
+
+    `keras.ops.maximum` promotes its inputs by Keras' type rules, which on PyTorch compute two
+    float64 tensors in float32; a selection keeps the dtype on every backend.
+    """
+    return ops.where(a >= b, a, b)
+
+
 def empty_as_identity(m, u):
     """`m` where the state has seen a token, the identity's running max where it has not.
 
@@ -90,32 +99,8 @@ def aaren_combine(state_a, state_b):
     m_b, u_b, w_b = (ops.convert_to_tensor(x) for x in state_b)
     m_a = empty_as_identity(m_a, u_a)
     m_b = empty_as_identity(m_b, u_b)
-    m = ops.stop_gradient(ops.maximum(m_a, m_b))
+    m = ops.stop_gradient(larger(m_a, m_b))
     scale_a = ops.exp(m_a - m)
-    scale_b = ops.exp(m_b - m)
-    u = u_a * scale_a + u_b * scale_b
-    w = w_a * scale_a[..., None] + w_b * scale_b[..., None]
-    return m, u, w
-
-
-def combine_unless(restart, state_a, state_b):
-    """`state_a ⊕ state_b`, or `state_b` alone where `restart` (a segment starts within B).
-
-    The same work as ⊕: `restart` zeroes A's weight, so no tensor of B's full size
-    (`(..., H, D)`) is selected afterwards. Where it restarts, the running max is B's, and A's
-    exponent is capped at 0 so that a larger max of A cannot overflow before it is zeroed.
-    restart: bool, broadcastable to the shape of m.
-    """
-    m_a, u_a, w_a = state_a
-    m_b, u_b, w_b = state_b
-    m_a = empty_as_identity(m_a, u_a)
-    m_b = empty_as_identity(m_b, u_b)
-    m = ops.stop_gradient(ops.where(restart, m_b, ops.maximum(m_a, m_b)))
-    keep = ops.cast(ops.logical_not(restart), m.dtype)
-    # The cap is subtracted as a constant: a `minimum` would halve the gradient at a tie (JAX
-    # splits it), where A holds the max.
-    exponent = m_a - m
-    scale_a = ops.exp(exponent - ops.stop_gradient(ops.maximum(exponent, 0.0))) * keep
     scale_b = ops.exp(m_b - m)
     u = u_a * scale_a + u_b * scale_b
     w = w_a * scale_a[..., None] + w_b * scale_b[..., None]
@@ -176,7 +161,7 @@ def aaren_step(state, score, value):
     score = ops.cast(score, dtype)
     value = ops.cast(value, dtype)
     m = empty_as_identity(m, u)
-    m_new = ops.stop_gradient(ops.maximum(m, score))
+    m_new = ops.stop_gradient(larger(m, score))
     scale_old = ops.exp(m - m_new)
     scale_new = ops.exp(score - m_new)
     u_new = u * scale_old + scale_new
@@ -197,39 +182,3 @@ def token_leaves(scores, values, mask):
     u = ops.cast(keep, scores.dtype) * ops.ones_like(scores)
     w = ops.where(keep[..., None], values, ops.zeros_like(values))
     return m, u, w
-
-
-def scan_sequential(scores, values, state, mask, starts=None):
-    """The recurrence run one token at a time with `keras.ops.scan`: `aaren_step` in a loop.
-
-    Masked tokens leave the state as it was; a token where a segment starts (`starts`, (B, T)
-    bool) first empties it. scores: (B, T, H); values: (B, T, H, D); state: `(m, u, w)` in the
-    scan dtype. Returns the outputs `(B, T, H, D)` and the final state.
-    """
-    if mask is None:
-        mask = ops.ones(ops.shape(scores)[:2], dtype="bool")
-    if starts is None:
-        starts = ops.zeros(ops.shape(scores)[:2], dtype="bool")
-
-    def per_row(flag, c):
-        return ops.reshape(flag, (-1,) + (1,) * (len(c.shape) - 1))
-
-    def step(carry, xs):
-        score, value, keep, start = xs
-        # The all-zero state is "nothing seen", whatever the running max.
-        carry = tuple(ops.where(per_row(start, c), ops.zeros_like(c), c) for c in carry)
-        _, new = aaren_step(carry, score, value)
-        carry = tuple(ops.where(per_row(keep, c), n, c) for n, c in zip(new, carry))
-        # keras.ops.scan on TensorFlow wants the per-step output shaped like the carry, so emit
-        # the state and read all of them out after the loop.
-        return carry, carry
-
-    xs = (
-        ops.moveaxis(scores, 1, 0),
-        ops.moveaxis(values, 1, 0),
-        ops.moveaxis(mask, 1, 0),
-        ops.moveaxis(starts, 1, 0),
-    )
-    final, states = ops.scan(step, state, xs)
-    outputs = readout(states)  # (T, B, H, D)
-    return ops.moveaxis(outputs, 0, 1), final

@@ -1,18 +1,23 @@
 """`aaren_scan`: Aaren over a whole sequence, validated and dispatched to one algorithm.
 
-The algorithms live in their own modules: `recurrence` (one token at a time), `associative` (the
+The algorithms live in their own modules: `sequential` (one token at a time), `associative` (the
 paper's parallel prefix scan) and `chunked` (matrix products in chunks, the default); `naive` is
-the O(T²) oracle they are tested against, and `backend` compiles them.
+the O(T²) oracle they are tested against. `context_parallel` places any of them on devices that
+split the time axis, where the caller asks for it (`sharding`).
 """
+
+import functools
 
 from keras import backend, ops
 
 from keras_aaren.ops import backend as plumbing
-from keras_aaren.ops import context_parallel
 from keras_aaren.ops.associative import scan_associative
 from keras_aaren.ops.chunked import DEFAULT_CHUNK_SIZE, scan_chunked
-from keras_aaren.ops.recurrence import identity_state, scan_dtype, scan_sequential
-from keras_aaren.validation import check_shape
+from keras_aaren.ops.context_parallel import SequenceSharding, scan_context_parallel
+from keras_aaren.ops.recurrence import identity_state, scan_dtype
+from keras_aaren.ops.segments import final_state, segment_starts
+from keras_aaren.ops.sequential import scan_sequential
+from keras_aaren.validation import check_segment_ids, check_shape
 
 METHODS = ("auto", "sequential", "associative", "chunked")
 
@@ -23,8 +28,13 @@ def check_method(method):
         raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
 
 
-def _validate(scores, values, initial_state, mask, method, chunk_size, segment_ids):
+def _validate(scores, values, initial_state, mask, method, chunk_size, segment_ids, sharding):
     check_method(method)
+    if sharding is not None and not isinstance(sharding, SequenceSharding):
+        raise ValueError(
+            "`sharding` must be a keras_aaren.ops.SequenceSharding or None. "
+            f"Received: sharding={sharding!r}"
+        )
     # A chunk must hold at least 2 tokens for the prefix over chunk summaries to be shorter than
     # the sequence it summarizes.
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 2:
@@ -45,13 +55,8 @@ def _validate(scores, values, initial_state, mask, method, chunk_size, segment_i
     if mask is not None:
         check_shape("mask", mask.shape, (b, t), "(batch_size, timesteps)")
     if segment_ids is not None:
-        check_shape("segment_ids", segment_ids.shape, (b, t), "(batch_size, timesteps)")
         dtype = backend.standardize_dtype(segment_ids.dtype)
-        if "int" not in dtype:
-            raise ValueError(
-                "`segment_ids` must be integers, one segment id per token. "
-                f"Received: segment_ids.dtype={dtype}"
-            )
+        check_segment_ids(segment_ids.shape, dtype, (b, t))
     if initial_state is not None:
         if not isinstance(initial_state, (list, tuple)) or len(initial_state) != 3:
             raise ValueError(
@@ -70,6 +75,7 @@ def aaren_scan(
     method="auto",
     chunk_size=DEFAULT_CHUNK_SIZE,
     segment_ids=None,
+    sharding=None,
 ):
     """Aaren over a whole sequence: every prefix's attention output and the final state.
 
@@ -101,8 +107,8 @@ def aaren_scan(
             parallel prefix scan with ⊕, `keras.ops.associative_scan`), `"chunked"` (a masked
             matrix product inside chunks of `chunk_size` with a per-row running max, and a prefix
             over the chunk summaries; no loop, so it compiles under XLA, and its gradient is a
-            closed form) or `"auto"` (`"chunked"` on every backend). Every method is plain
-            `keras.ops`: it compiles with its caller (`fit`, `predict`, `jax.jit`,
+            closed form) or `"auto"` (the default, `"chunked"` on every backend). Every method is
+            plain `keras.ops`: it compiles with its caller (`fit`, `predict`, `jax.jit`,
             `tf.function`), for a static or an unknown length, and runs op by op when called
             eagerly, except on JAX, where an eager call runs as one compiled program per
             length bucket, a bounded number of them kept (`set_eager_program_limit`).
@@ -111,6 +117,10 @@ def aaren_scan(
             token, as flash-linear-attention's `cu_seqlens` per token. Only changes between
             neighbours matter (ids need not be sorted or unique across a row), and a masked
             token still starts its segment.
+        sharding: optional `SequenceSharding`: the time axis is split across the devices of a
+            mesh axis (JAX), each device scans its part and the devices exchange only each
+            part's summary. `keras_aaren.distribution.ContextParallel.sequence_sharding` gives
+            the one its mesh implies; the layers pass it under that distribution.
 
     Returns:
         A tuple `(outputs, final_state)`: `outputs` of shape `(batch_size, timesteps, num_heads,
@@ -121,8 +131,8 @@ def aaren_scan(
 
     Raises:
         ValueError: for a `method` that does not exist, a `chunk_size` below 2, tensors whose
-            ranks or shapes do not match, `segment_ids` that are not integers, or a sequence of
-            no timesteps.
+            ranks or shapes do not match, `segment_ids` that are not integers, a sequence of
+            no timesteps, or a `sharding` that is not a `SequenceSharding`.
 
     Examples:
         >>> import numpy as np
@@ -138,25 +148,25 @@ def aaren_scan(
         mask = ops.convert_to_tensor(mask)
     if segment_ids is not None:
         segment_ids = ops.convert_to_tensor(segment_ids)
-    _validate(scores, values, initial_state, mask, method, chunk_size, segment_ids)
+    _validate(scores, values, initial_state, mask, method, chunk_size, segment_ids, sharding)
     if initial_state is not None:
         initial_state = tuple(ops.convert_to_tensor(x) for x in initial_state)
     args = (scores, values, initial_state, mask, segment_ids)
     if plumbing.runs_eagerly_on_jax(*args):
-        return _eager_scan(*args, method, chunk_size)
-    # Under keras_aaren.distribution.ContextParallel the time axis is split across devices.
-    distribution = context_parallel.active_distribution()
-    if distribution is not None:
-
-        def local_scan(scores, values, initial_state, mask, segment_ids):
-            return _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids)
-
-        return context_parallel.scan_context_parallel(local_scan, *args, distribution)
-    return _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids)
+        return _eager_scan(*args, method, chunk_size, sharding)
+    return placed_scan(*args, method, chunk_size, sharding)
 
 
-def _eager_scan(scores, values, initial_state, mask, segment_ids, method, chunk_size):
-    """`_scan` as one compiled program per length bucket (see `backend.eager_program`).
+def placed_scan(scores, values, initial_state, mask, segment_ids, method, chunk_size, sharding):
+    """`aaren_scan` on valid tensors, on one device or on the devices of `sharding`."""
+    local = functools.partial(local_scan, method=method, chunk_size=chunk_size)
+    if sharding is None:
+        return local(scores, values, initial_state, mask, segment_ids)
+    return scan_context_parallel(local, scores, values, initial_state, mask, segment_ids, sharding)
+
+
+def _eager_scan(scores, values, initial_state, mask, segment_ids, method, chunk_size, sharding):
+    """`placed_scan` as one compiled program per length bucket (see `backend.ProgramCache`).
 
     The padding is masked and continues the last segment, so it changes neither the outputs of
     the real tokens nor the final state.
@@ -165,27 +175,24 @@ def _eager_scan(scores, values, initial_state, mask, segment_ids, method, chunk_
     (scores, values), mask, segment_ids = plumbing.pad_to_bucket(
         (scores, values), mask, segment_ids, chunk_size
     )
-
-    def run(scores, values, initial_state, mask, segment_ids):
-        return _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids)
-
     args = (scores, values, initial_state, mask, segment_ids)
-    signature = tuple(
-        None if x is None else (tuple(x.shape), backend.standardize_dtype(x.dtype))
-        for x in (scores, values, mask, segment_ids, *(initial_state or (None,)))
-    )
-    outputs, final = plumbing.eager_program(run, (method, chunk_size, signature))(*args)
+    options = dict(method=method, chunk_size=chunk_size, sharding=sharding)
+    shapes = plumbing.signature(scores, values, mask, segment_ids, *(initial_state or (None,)))
+    # No owner: the program is a function of its key alone.
+    key = (None, method, chunk_size, sharding, shapes)
+    program = plumbing.EAGER_PROGRAMS.get(key, lambda: _compile(options))
+    outputs, final = program(*args)
     return outputs[:, :steps], final
 
 
-def segment_starts(segment_ids):
-    """(B, T) bool: True where a token's segment id differs from the previous token's."""
-    changed = ops.not_equal(segment_ids[:, 1:], segment_ids[:, :-1])
-    return ops.concatenate([ops.zeros_like(segment_ids[:, :1], dtype="bool"), changed], axis=1)
+def _compile(options):
+    import jax
+
+    return jax.jit(functools.partial(placed_scan, **options))
 
 
-def _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids):
-    """`aaren_scan` once its arguments are tensors and valid."""
+def local_scan(scores, values, initial_state, mask, segment_ids, method, chunk_size):
+    """`aaren_scan` on one device, once its arguments are tensors and valid."""
     if mask is not None:
         mask = ops.cast(mask, "bool")
     starts = None if segment_ids is None else segment_starts(segment_ids)
@@ -205,18 +212,5 @@ def _scan(scores, values, initial_state, mask, method, chunk_size, segment_ids):
         outputs, final = scan_associative(scores, values, start, mask, starts)
     else:
         outputs, final = scan_chunked(scores, values, start, mask, chunk_size, starts)
-    # A row that saw nothing keeps the state it started from, exactly as an RNN that skips its
-    # masked steps does; after a segment start, that is the empty state.
-    if starts is not None:
-        first = ops.logical_not(ops.any(starts, axis=1))[:, None]  # (B, 1)
-        start = tuple(
-            ops.where(first if len(x.shape) == 2 else first[..., None], x, ops.zeros_like(x))
-            for x in start
-        )
-    seen = final[1] > 0
-    final = (
-        ops.where(seen, final[0], start[0]),
-        ops.where(seen, final[1], start[1]),
-        ops.where(seen[..., None], final[2], start[2]),
-    )
-    return ops.cast(outputs, out_dtype), final
+    restarted = None if starts is None else ops.any(starts, axis=1)
+    return ops.cast(outputs, out_dtype), final_state(final, start, restarted)

@@ -13,6 +13,7 @@ import functools
 import keras
 import numpy as np
 
+from keras_aaren.ops.segments import reset_rows
 from keras_aaren.streaming.causality import check_streamable
 from keras_aaren.streaming.walk import check_layer, is_graph_model
 from keras_aaren.validation import check_positive_int
@@ -320,13 +321,7 @@ def _reset_rows(states, reset, batch_size):
             f"`reset` must be a boolean array of shape ({batch_size},), one flag per stream. "
             f"Received: reset.shape={tuple(np.shape(reset))}, reset.dtype={dtype}"
         )
-    keep = keras.ops.logical_not(keras.ops.convert_to_tensor(reset))
-    return [
-        keras.ops.where(
-            keras.ops.reshape(keep, (-1,) + (1,) * (len(s.shape) - 1)), s, keras.ops.zeros_like(s)
-        )
-        for s in states
-    ]
+    return reset_rows(list(states), keras.ops.convert_to_tensor(reset))
 
 
 def make_step_function(model, batch_size, jit_compile=None, tokens_per_call=1):

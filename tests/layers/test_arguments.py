@@ -1,5 +1,5 @@
-"""Every constructor argument of every layer: written in the source, stored, serialized and
-restored as given."""
+"""Every constructor argument of every layer: written in the source, described alike wherever
+it is taken, stored, serialized and restored as given."""
 
 import ast
 import glob
@@ -144,19 +144,59 @@ def source_signature(cls):
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 def test_source_signature_lists_every_argument_with_its_default(cls):
     names, defaults, kwarg = source_signature(cls)
-    assert names == ["self", "num_heads", "key_dim", *(a.name for a in cls.arguments)]
+    assert names == ["self", "num_heads", "key_dim", *(p.name for p in arguments(cls))]
     assert kwarg is not None and kwarg.arg == "kwargs"
-    for argument in cls.arguments:
-        assert defaults[argument.name] == argument.default, argument.name
+    for parameter in arguments(cls):
+        assert defaults[parameter.name] == parameter.default, parameter.name
+
+
+def test_a_sequence_layer_takes_its_cells_defaults():
+    for layer, cell in ((Aaren, AarenCell), (AarenBlock, AarenBlockCell)):
+        for parameter in arguments(cell):
+            default = inspect.signature(layer).parameters[parameter.name].default
+            assert default == parameter.default, f"{layer.__name__}({parameter.name}=...)"
+
+
+def documented(cls):
+    """`{argument: its words}` from the `Args:` section of `cls`'s docstring."""
+    section = inspect.getdoc(cls).split("Args:\n", 1)[1].split("\n\n", 1)[0]
+    entries, name = {}, None
+    for line in section.splitlines():
+        if line.startswith("    ") and not line.startswith("        "):
+            name, words = line.strip().split(":", 1)
+            entries[name] = words
+        elif name is not None:
+            entries[name] += " " + line.strip()
+    return {name: " ".join(words.split()) for name, words in entries.items()}
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-def test_docstring_describes_every_argument_as_defined(cls):
-    # Each class writes its Args: out; the words are those of the one definition.
-    doc = " ".join(inspect.getdoc(cls).split())
-    for argument in cls.arguments:
-        line = " ".join(f"{argument.name}: {argument.doc}".split())
-        assert line in doc, f"{cls.__name__}'s docstring lacks: {line}"
+def test_docstring_describes_every_argument(cls):
+    doc = documented(cls)
+    for name in ("num_heads", "key_dim", *(p.name for p in arguments(cls))):
+        assert name in doc, f"{cls.__name__}'s docstring does not describe `{name}`"
+
+
+def test_an_argument_is_described_alike_wherever_it_is_taken():
+    # Each class writes its Args: out; an argument taken by several classes means one thing.
+    # The block describes `num_heads` and `key_dim` in words of its own ("Aaren heads").
+    words = {}
+    for cls in CLASSES:
+        for name, text in documented(cls).items():
+            words.setdefault((name, cls in (AarenBlockCell, AarenBlock)), {})[cls] = text
+    for (name, _), texts in words.items():
+        assert len(set(texts.values())) == 1, f"`{name}` is described differently: {texts}"
+
+
+@pytest.mark.parametrize("cls", [Aaren, AarenBlock], ids=lambda c: c.__name__)
+def test_a_sequence_layer_shows_its_cells_arguments_as_properties(cls):
+    # As keras.layers.LSTM shows LSTMCell's: properties written in the classes, which an IDE
+    # sees, and each reads the cell's value.
+    cell_class = AarenCell if cls is Aaren else AarenBlockCell
+    layer = cls(2, 4, **{p.name: non_default(cell_class, p.name) for p in arguments(cell_class)})
+    for name in ("num_heads", "key_dim", *(p.name for p in arguments(cell_class))):
+        assert isinstance(inspect.getattr_static(cls, name), property), name
+        assert getattr(layer, name) is getattr(layer.cell, name), name
 
 
 def test_type_checker_sees_every_argument(tmp_path):
@@ -167,7 +207,7 @@ def test_type_checker_sees_every_argument(tmp_path):
     script = tmp_path / "user.py"
     lines = ["from keras_aaren import Aaren, AarenBlock, AarenBlockCell, AarenCell"]
     for cls in CLASSES:
-        keywords = ", ".join(f"{a.name}={a.default!r}" for a in cls.arguments)
+        keywords = ", ".join(f"{p.name}={p.default!r}" for p in arguments(cls))
         lines.append(f"{cls.__name__}(num_heads=2, key_dim=8, {keywords})")
         lines.append(f"reveal_type({cls.__name__}.__init__)")
     script.write_text("\n".join(lines) + "\n")
@@ -182,5 +222,5 @@ def test_type_checker_sees_every_argument(tmp_path):
     revealed = [line for line in report.splitlines() if "Revealed type" in line]
     assert len(revealed) == len(CLASSES), report
     for cls, line in zip(CLASSES, revealed):
-        for name in ("num_heads", "key_dim", *(a.name for a in cls.arguments)):
+        for name in ("num_heads", "key_dim", *(p.name for p in arguments(cls))):
             assert f" {name}: " in line, f"mypy does not see {cls.__name__}({name}=...)"

@@ -166,7 +166,7 @@ def test_functional_model_with_packed_rows_trains():
 @pytest.mark.parametrize(
     "segment_ids, match",
     [
-        (np.zeros((1, 6), "float32"), r"integer `segment_ids`.*float32"),
+        (np.zeros((1, 6), "float32"), r"`segment_ids` must be integers.*float32"),
         (np.zeros((1, 5), "int32"), r"`segment_ids` must have shape.*\(1, 6\).*\(1, 5\)"),
         (np.zeros((6,), "int32"), r"`segment_ids` must have shape"),
     ],
