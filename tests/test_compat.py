@@ -1,4 +1,5 @@
-"""keras_aaren.compat: what the package relies on in Keras beyond its exported API still holds.
+"""keras_aaren.compat: what the package relies on in Keras and JAX beyond their documented API
+still holds.
 
 Each test names the Keras behaviour it checks, so that a failure after a Keras release says what
 changed and where `keras_aaren/compat.py` must follow.
@@ -6,6 +7,7 @@ changed and where `keras_aaren/compat.py` must follow.
 
 import keras
 import numpy as np
+import pytest
 from helpers import to_numpy
 
 from keras_aaren import AarenBlockCell, compat
@@ -62,3 +64,111 @@ def test_output_before_first_real_step_is_what_keras_rnn_outputs():
             f"{keras.backend.backend()}"
         ),
     )
+
+
+def test_dropout_rnn_cell_draws_as_many_masks_as_dropout_mask_count():
+    # AarenBlockCell asks for two masks per call through this attribute.
+    class Two(compat.DropoutRNNCell):
+        dropout, recurrent_dropout, dropout_mask_count = 0.5, 0.0, 2
+        seed_generator = keras.random.SeedGenerator(3)
+
+    masks = Two().get_dropout_mask(np.ones((2, 4), "float32"))
+    assert isinstance(masks, (list, tuple)) and len(masks) == 2, (
+        "DropoutRNNCell.get_dropout_mask no longer draws `dropout_mask_count` masks; "
+        "AarenBlockCell's step form must follow."
+    )
+
+
+def test_rnn_reads_and_copies_the_cells_state_size_when_constructed():
+    # ParallelRNN lets the cell leave its first state's size open while this happens.
+    reads = []
+
+    class Cell(keras.layers.Layer):
+        @property
+        def state_size(self):
+            reads.append(True)
+            return [None, 3]
+
+        def call(self, inputs, states):
+            return inputs, states
+
+    layer = keras.layers.RNN(Cell())
+    assert reads, (
+        "keras.layers.RNN no longer reads `cell.state_size` when constructed; "
+        "AttentionCell.width_pending can go."
+    )
+    assert list(layer.state_size) == [None, 3], (
+        "keras.layers.RNN no longer keeps a copy of the cell's state sizes as `state_size`; "
+        "ParallelRNN.build must follow."
+    )
+
+
+def test_stateful_rnn_state_variables_are_not_among_its_variables():
+    # ParallelRNN.variables lists them, so that JAX's compiled predict carries the stream.
+    layer = keras.layers.LSTM(2, stateful=True)
+    layer.build((3, 4, 5))
+    assert layer.states is not None and len(layer.states) == 2
+    listed = {id(v) for v in layer.variables}
+    assert not any(id(v) in listed for v in layer.states), (
+        "keras.layers.RNN now lists a stateful layer's state variables among its variables; "
+        "ParallelRNN.variables need not add them."
+    )
+
+
+def test_model_parallel_reads_the_properties_context_parallel_overrides():
+    for name in ("num_model_replicas", "batch_dim_name"):
+        assert isinstance(getattr(keras.distribution.ModelParallel, name, None), property), (
+            f"keras.distribution.ModelParallel.{name} is no longer a property; "
+            "keras_aaren.distribution.ContextParallel overrides it."
+        )
+    assert callable(getattr(keras.distribution.ModelParallel, "distribute_dataset", None))
+
+
+def test_a_layer_passes_its_mask_on_as_keras_mask():
+    # make_step_model refuses a model whose layers pass masks by reading this attribute.
+    outputs = keras.layers.Masking()(keras.Input((None, 3)))
+    assert getattr(outputs, "_keras_mask", None) is not None, (
+        "Keras no longer attaches a layer's output mask as `_keras_mask`; "
+        "keras_aaren.streaming.convert._check_no_mask must follow."
+    )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's type promotion")
+def test_keras_computes_float64_matmul_and_maximum_in_float32_on_torch():
+    x = keras.ops.convert_to_tensor(np.full((2, 2), 1.0 + 2.0**-40))
+    for name, result in (
+        ("matmul", keras.ops.matmul(x, x)),
+        ("maximum", keras.ops.maximum(x, x)),
+    ):
+        assert keras.backend.standardize_dtype(result.dtype) == "float32", (
+            f"keras.ops.{name} now keeps float64 on PyTorch; keras_aaren.ops.backend.matmul and "
+            "keras_aaren.ops.recurrence.larger can use Keras' ops again."
+        )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's associative_scan")
+def test_keras_associative_scan_interleaves_in_float32_on_torch():
+    x = np.full((9,), 1.0 + 2.0**-40)
+    result = keras.ops.associative_scan(lambda a, b: a + b, keras.ops.convert_to_tensor(x))
+    assert not np.allclose(to_numpy(result), np.cumsum(x), rtol=1e-13, atol=0), (
+        "keras.ops.associative_scan keeps float64 on PyTorch now; remove the xfail of "
+        "tests/test_float64.py and item 8 of keras_aaren.compat."
+    )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's traced values")
+def test_jax_traced_values_are_jax_core_tracers():
+    import jax
+
+    seen = []
+
+    def f(x):
+        seen.append(isinstance(x, jax.core.Tracer))
+        return x
+
+    jax.jit(f)(np.ones(2, "float32"))
+    assert seen == [True], (
+        "jax.core.Tracer is no longer the class of traced values; "
+        "keras_aaren.ops.backend.runs_eagerly_on_jax must follow."
+    )
+    assert not isinstance(jax.numpy.ones(2), jax.core.Tracer)

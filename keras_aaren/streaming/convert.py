@@ -347,10 +347,10 @@ def make_step_function(model, batch_size, jit_compile=None, tokens_per_call=1):
     does in a packed row (`segment_ids`).
 
     Returns:
-        A function `step(x_t, states, reset=None)`, with the step model as `step.model` and
-        `step.initial_states()` for a new stream. On TensorFlow it is a `tf.function` traced
-        once for its fixed shapes, on JAX a `jax.jit` of the step model's stateless call; on
-        other backends it calls the step model directly.
+        A `StepFunction`: `step(x_t, states, reset=None)`, with the step model as `step.model`
+        and `step.initial_states()` for a new stream. On TensorFlow it runs a `tf.function`
+        traced once for its fixed shapes, on JAX a `jax.jit` of the step model's stateless
+        call; on PyTorch it calls the step model directly.
 
     Raises:
         ValueError: as `make_step_model`; if `tokens_per_call` is not a positive integer; when
@@ -373,64 +373,106 @@ def make_step_function(model, batch_size, jit_compile=None, tokens_per_call=1):
         >>> bool(np.allclose(np.stack(outputs, axis=1), model.predict(x, verbose=0), atol=1e-5))
         True
     """
-    check_positive_int("tokens_per_call", tokens_per_call)
-    step_model = make_step_model(model, batch_size)
+    return StepFunction(model, batch_size, jit_compile, tokens_per_call)
 
-    def over_tokens(one_token, x, states):
-        # Unrolled: the number of tokens is fixed when the function is traced.
-        if tokens_per_call == 1:
+
+class StepFunction:
+    """The compiled one-token step of `make_step_function`: call it as
+    `step(x_t, states, reset=None) -> (y_t, new_states)`.
+
+    Attributes:
+        model: the step model (`make_step_model`), sharing the trained model's weights.
+        tokens_per_call: the tokens each call takes.
+    """
+
+    def __init__(self, model, batch_size, jit_compile=None, tokens_per_call=1):
+        check_positive_int("tokens_per_call", tokens_per_call)
+        self.model = make_step_model(model, batch_size)
+        self.batch_size = batch_size
+        self.tokens_per_call = tokens_per_call
+        # What differs between backends: how the step is compiled, in `_compile`.
+        self._run = self._compile(jit_compile)
+
+    def initial_states(self):
+        """Zero states, "nothing seen yet", for a new stream (see `initial_states`)."""
+        return initial_states(self.model)
+
+    def __call__(self, x, states, reset=None):
+        _check_step_inputs(self.model, x, states, self.tokens_per_call)
+        states = list(states)
+        if reset is not None:
+            states = _reset_rows(states, reset, self.batch_size)
+        return self._run(x, states)
+
+    def _tokens(self, one_token, x, states):
+        """`one_token(x_t, states)` over the call's tokens, unrolled: their number is fixed
+        when the function is traced."""
+        if self.tokens_per_call == 1:
             return one_token(x, states)
         outputs = []
-        for k in range(tokens_per_call):
+        for k in range(self.tokens_per_call):
             y, states = one_token(x[:, k], states)
             outputs.append(y)
         return keras.ops.stack(outputs, axis=1), states
 
-    def one_token(x, states):
-        results = step_model([x, *states], training=False)
+    def _one_token(self, x, states):
+        results = self.model([x, *states], training=False)
         return results[0], list(results[1:])
 
-    def run(x, states):
-        x, *states = [keras.ops.convert_to_tensor(t) for t in (x, *states)]
-        return over_tokens(one_token, x, states)
+    def _compile(self, jit_compile):
+        backend = keras.backend.backend()
+        if backend == "jax":
+            return self._compile_jax()
+        if backend == "tensorflow":
+            return self._compile_tensorflow(jit_compile)
 
-    if keras.backend.backend() == "jax":
+        def run(x, states):
+            x, *states = [keras.ops.convert_to_tensor(t) for t in (x, *states)]
+            return self._tokens(self._one_token, x, states)
+
+        return run
+
+    def _compile_jax(self):
         import jax
+
+        model = self.model
 
         @jax.jit
         def pure_step(trainable, non_trainable, x, states):
-            def one_stateless_token(x, states):
-                results, _ = step_model.stateless_call(
+            def one_token(x, states):
+                results, _ = model.stateless_call(
                     trainable, non_trainable, [x, *states], training=False
                 )
                 return results[0], list(results[1:])
 
-            return over_tokens(one_stateless_token, x, states)
+            return self._tokens(one_token, x, states)
 
-        def call(x, states):
+        def run(x, states):
             # A stateless call takes the weights as arguments: reading them at every call keeps
             # the step on the step model's current weights (after `step.model.set_weights`,
             # say), as the tf.function, which reads its variables, does.
-            trainable = [v.value for v in step_model.trainable_variables]
-            non_trainable = [v.value for v in step_model.non_trainable_variables]
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
             return pure_step(trainable, non_trainable, x, states)
 
-    elif keras.backend.backend() == "tensorflow":
+        return run
+
+    def _compile_tensorflow(self, jit_compile):
         import tensorflow as tf
 
-        token, *states = step_model.inputs
-        shape = (
-            token.shape
-            if tokens_per_call == 1
-            else (token.shape[0], tokens_per_call, *token.shape[1:])
-        )
+        token, *states = self.model.inputs
+        shape = token.shape
+        if self.tokens_per_call > 1:
+            shape = (token.shape[0], self.tokens_per_call, *token.shape[1:])
         signature = [tf.TensorSpec(shape, token.dtype)]
         signature += [tf.TensorSpec(t.shape, t.dtype) for t in states]
         # Calling the traced concrete function skips tf.function's matching of the arguments
         # against its signature, which it would redo for every state tensor at every step: in a
         # small model that matching is a large part of the step.
         compiled = tf.function(
-            lambda x, *states: run(x, states), input_signature=signature, jit_compile=jit_compile
+            lambda x, *states: self._tokens(self._one_token, x, list(states)),
+            input_signature=signature,
+            jit_compile=jit_compile,
         ).get_concrete_function()
 
         def convert(t, spec):
@@ -441,19 +483,7 @@ def make_step_function(model, batch_size, jit_compile=None, tokens_per_call=1):
                 return t
             return tf.convert_to_tensor(t, spec.dtype)
 
-        def call(x, states):
+        def run(x, states):
             return compiled(*(convert(t, s) for t, s in zip((x, *states), signature)))
 
-    else:
-        call = run
-
-    def step(x, states, reset=None):
-        _check_step_inputs(step_model, x, states, tokens_per_call)
-        states = list(states)
-        if reset is not None:
-            states = _reset_rows(states, reset, batch_size)
-        return call(x, states)
-
-    step.model = step_model
-    step.initial_states = lambda: initial_states(step_model)
-    return step
+        return run
