@@ -7,12 +7,13 @@ Shape letters: B batch, T timesteps, H heads, D value dimension.
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import platform
 import time
+import types
+import typing
 from collections.abc import Callable
 
 import keras
@@ -74,31 +75,18 @@ class ProjectedPrefix(keras.layers.Layer):
         return self.cell.output_projection(self.prefix(*self.cell.project(x)))
 
 
-class CausalSelfAttention(keras.layers.Layer):
+def causal_self_attention(num_heads, key_dim):
     """`keras.layers.MultiHeadAttention` over a sequence and itself, with a causal mask."""
-
-    def __init__(self, num_heads, key_dim, **kwargs):
-        super().__init__(**kwargs)
-        self.attention = keras.layers.MultiHeadAttention(num_heads, key_dim)
-
-    def build(self, input_shape):
-        self.attention.build(input_shape, input_shape)
-
-    def call(self, x):
-        return self.attention(x, x, use_causal_mask=True)
+    x = keras.Input((None, num_heads * key_dim))
+    attention = keras.layers.MultiHeadAttention(num_heads, key_dim)
+    return keras.Model(x, attention(x, x, use_causal_mask=True))
 
 
-@dataclasses.dataclass(frozen=True)
-class Contender:
-    """A layer to benchmark.
-
-    Attributes:
-        build: `(num_heads, key_dim)` -> a layer mapping `(B, T, num_heads * key_dim)` to a
-            sequence of the same length.
-        exact: whether the layer computes Aaren's attention through an `AarenCell` at its `cell`
-            attribute: the oracle check then compares it with `aaren_attention_naive`.
-        reference: whether it runs only when named (`--only`): a yardstick, not a layer to pick.
-    """
+class Contender(typing.NamedTuple):
+    """A layer to benchmark: `build(num_heads, key_dim)` maps `(B, T, num_heads * key_dim)` to a
+    sequence of the same length; `exact`, it computes Aaren's attention through an `AarenCell` at
+    its `cell` attribute, which the oracle check compares with `aaren_attention_naive`;
+    `reference`, it runs only when `--only` names it: a yardstick, not a layer to pick."""
 
     build: Callable[[int, int], keras.layers.Layer]
     exact: bool = False
@@ -111,7 +99,7 @@ CONTENDERS = {
         lambda h, k: Aaren(h, k, return_sequences=True, method="associative"), exact=True
     ),
     "tfp_style": Contender(lambda h, k: ProjectedPrefix(h, k, tfp_style_prefix), exact=True),
-    "mha_causal": Contender(CausalSelfAttention),
+    "mha_causal": Contender(causal_self_attention),
     "rnn_cell": Contender(
         lambda h, k: keras.layers.RNN(AarenCell(h, k, output_dim=h * k), return_sequences=True),
         exact=True,
@@ -157,41 +145,32 @@ def refuse_if_wrong(errors, what="the oracle", tolerance=ORACLE_TOLERANCE):
 # Arguments and the compiled training step
 
 
-def parser(doc, backends=("tensorflow", "jax")):
-    """An argument parser described by the module's docstring, with `--output-dir`, after
-    checking that Keras runs on one of `backends` (a usage error otherwise)."""
+def parser(doc, backends=("tensorflow", "jax"), jit_compile=None):
+    """An argument parser described by the module's docstring, with `--output-dir` and, if
+    `jit_compile` names what it compiles, `--jit-compile`; a usage error unless Keras runs on one
+    of `backends`."""
     result = argparse.ArgumentParser(description=doc.splitlines()[0])
     result.add_argument("--output-dir", default="outputs/benchmarks")
-    backend = keras.backend.backend()
-    if backend not in backends:
-        result.error(f"this benchmark measures {' or '.join(backends)}. Received: {backend}")
+    if jit_compile:
+        help = f"compile {jit_compile} as jit_compile=True does (XLA; PyTorch: torch.compile)"
+        result.add_argument("--jit-compile", action="store_true", help=help)
+    if keras.backend.backend() not in backends:
+        received = keras.backend.backend()
+        result.error(f"this benchmark measures {' or '.join(backends)}. Received: {received}")
     return result
 
 
-def at_least_one(parser, args, *names):
-    """A usage error naming the first of `names` (attributes of `args`) below 1."""
-    for name in names:
+def parse(parser, argv, *positive):
+    """`parser`'s arguments; a usage error if one of the `positive` ones is given below 1, or
+    for `--jit-compile` on JAX, where every step is `jax.jit`-compiled."""
+    args = parser.parse_args(argv)
+    for name in positive:
         value = getattr(args, name)
-        if (min(value) if isinstance(value, list) else value) < 1:
-            flag = "--" + name.replace("_", "-")
-            parser.error(f"{flag} must be at least 1. Received: {value}")
-
-
-def add_jit_compile(parser, what="the step"):
-    parser.add_argument(
-        "--jit-compile",
-        action="store_true",
-        help=f"compile {what} as Keras' jit_compile=True does (XLA on TensorFlow, "
-        "torch.compile on PyTorch; on JAX every step is jax.jit-compiled)",
-    )
-
-
-def check_jit_compile(parser, args):
-    if args.jit_compile and keras.backend.backend() == "jax":
-        parser.error(
-            "--jit-compile is what JAX always does: every step is jax.jit-compiled. "
-            "Received: --jit-compile with KERAS_BACKEND=jax"
-        )
+        if value is not None and (min(value) if isinstance(value, list) else value) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1. Received: {value}")
+    if getattr(args, "jit_compile", False) and keras.backend.backend() == "jax":
+        parser.error("--jit-compile: on JAX every step is jax.jit-compiled. Received: jax")
+    return args
 
 
 def compile_mode(jit_compile):
@@ -308,30 +287,23 @@ def status_bytes(field, pid="self"):
 
 def device():
     """The device the backend computes on by default, such as `gpu: NVIDIA H100 80GB HBM3`."""
-    backend = keras.backend.backend()
-    if backend == "jax":
+    if keras.backend.backend() == "jax":
         import jax
 
-        first = jax.devices()[0]
-        if first.platform != "cpu":
-            return f"{first.platform}: {first.device_kind}"
-    elif backend == "torch":
+        if jax.devices()[0].platform != "cpu":
+            return f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
+    elif keras.backend.backend() == "torch":
         import torch
 
         if torch.cuda.is_available():
             return f"gpu: {torch.cuda.get_device_name()}"
-    elif backend == "tensorflow":
+    elif keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            return f"gpu: {gpus[0].name}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"cpu: {names[0]}"
-    except (OSError, IndexError):
-        return f"cpu: {platform.processor() or platform.machine()}"
+        if tf.config.list_physical_devices("GPU"):
+            return f"gpu: {tf.config.list_physical_devices('GPU')[0].name}"
+    with open("/proc/cpuinfo") as f:  # Linux; `platform.processor()` is empty on many hosts
+        return "cpu: " + next(line for line in f if "model name" in line).split(":")[1].strip()
 
 
 def machine():
@@ -510,43 +482,30 @@ def state_bytes(states):
     )
 
 
-@dataclasses.dataclass
-class Stream:
-    """What `serve` recorded: `outputs` `(T, B, width)`; `latencies`, seconds of every call;
-    `kept`, `{t: states before token t}`; `states` after the last token; per token, the
-    process's `resident` bytes and the state's `state_bytes` (None unless asked for)."""
-
-    outputs: np.ndarray
-    latencies: np.ndarray
-    kept: dict
-    states: object
-    resident: np.ndarray | None = None
-    state_bytes: np.ndarray | None = None
-
-
 def serve(step, states, xs, keep_at=(), record_memory=False):
-    """Serve the tokens `xs`, `(T, B, width)`, one per call of `step(x, states) -> (y, states)`
-    from `states`, each call timed and its output fetched before the next token is sent; keep
-    the states before the positions `keep_at` (0-based) and, with `record_memory`, read the
-    resident memory and the state's size after every token. Returns a `Stream`."""
-    count = len(xs)
-    kept, outputs, latencies = {}, None, np.empty(count)
-    resident = np.empty(count) if record_memory else None
-    sizes = np.empty(count, "int64") if record_memory else None
+    """Serve the tokens `xs`, `(T, B, width)`, one per call of `step(x, states) -> (y, states)`,
+    each call timed and its output fetched before the next token is sent.
+
+    Returns a namespace: `outputs`, `(T, B, width)`; `latencies`, seconds per call; `kept`,
+    `{t: the states before the token at position t}` for `t` in `keep_at`; `states`, after the
+    last token; with `record_memory`, `resident` (the process's resident bytes) and
+    `state_bytes` after every token.
+    """
+    run = types.SimpleNamespace(outputs=[], latencies=[], kept={}, resident=[], state_bytes=[])
     for t, x in enumerate(xs):
         if t in keep_at:
-            kept[t] = states
+            run.kept[t] = states
         start = time.perf_counter()
         y, states = step(x, states)
         y = to_host(y)
-        latencies[t] = time.perf_counter() - start
-        if outputs is None:
-            outputs = np.empty((count, *y.shape), y.dtype)
+        run.latencies.append(time.perf_counter() - start)
         # A copy: a runtime may hand back its own output buffer, rewritten at the next call.
-        outputs[t] = y
+        run.outputs.append(np.array(y))
         if record_memory:
-            resident[t], sizes[t] = status_bytes("VmRSS"), state_bytes(states)
-    return Stream(outputs, latencies, kept, states, resident, sizes)
+            run.resident.append(status_bytes("VmRSS"))
+            run.state_bytes.append(state_bytes(states))
+    run.outputs, run.states = np.stack(run.outputs), states
+    return run
 
 
 def step_latencies(served, width, rounds, per_turn):

@@ -5,29 +5,24 @@ Run (defaults: 4 layers of width 64, 4 heads of 16, one stream, one thread; Tens
     python -m benchmarks.edge               # latency at tokens 16 and 16384, 100000-token soak
     python -m benchmarks.edge --quick       # tiny sizes, a few seconds of streaming
 
-Four `AarenBlock`s and a stack of four `keras.layers.LSTM`s are exported with
-`keras_aaren.streaming.export_tflite` and `export_onnx` in every precision those take (LiteRT:
-float32, float16, dynamic int8, full int8 calibrated on 8 random sequences of 32 tokens; ONNX
-Runtime: float32, dynamic int8), and each file serves one stream of `--tokens` random tokens, a
-call per token with the state passed back in, in LiteRT's interpreter (`num_threads=1`) or an
-ONNX Runtime session (one intra-op and one inter-op thread). Beside them, `transformer_kv`: four
-post-norm blocks of causal `MultiHeadAttention` (the AarenBlock's layout, as in
-`benchmarks.streaming`) decoding with a KV cache; its step takes the token and every block's
-cached keys and values and returns the token's own, which the caller appends. LiteRT plans its
-memory for fixed shapes, so that step is exported (float32, with Keras' `model.export`) for each
-cache length timed.
+Four `AarenBlock`s and four `keras.layers.LSTM`s are exported with `streaming.export_tflite` and
+`export_onnx` in every precision those take (LiteRT: float32, float16, dynamic int8, full int8
+calibrated on 8 random sequences of 32 tokens; ONNX Runtime: float32, dynamic int8), and each
+file serves one stream of `--tokens` random tokens, the state passed back in at every call, in
+LiteRT's interpreter or an ONNX Runtime session, one thread. Beside them, the KV-cache
+Transformer of `benchmarks.streaming`, exported (float32, Keras' `model.export`) once per cache
+length timed, since LiteRT plans its memory for fixed shapes; the caller appends the keys and
+values its step returns.
 
-Reported per model and variant: the file size, the state (or cache) in bytes, the p50 and p99
-per-token latency at token 16 and at token `--late`, the largest |y| of the stream and its
-largest distance from the LiteRT float32 step's. The latencies are timed after the stream from
-the states kept before those tokens, in turns (`--rounds` rounds of `--window` calls). Then the
-tokens per second of 1, 64 and 1024 concurrent streams (a batch of that many, one call per token
-of all of them) for the LiteRT float32 steps of Aaren and the LSTM stack.
+Reported: file and state (or cache) bytes, p50 and p99 latency per token at tokens 16 and
+`--late`, timed in turns after the stream from the states kept before them (`--rounds` rounds
+of `--window` calls), the largest |y| of the stream and its distance from the LiteRT float32
+step's; then the tokens per second of 1, 64 and 1024 concurrent streams (one batch) for the
+LiteRT float32 steps of Aaren and the LSTM stack.
 
 It refuses to report (exit status 1) unless every float32 step reproduces its Keras model over
-a 32-token sequence (the KV-cache step also stepped in Keras) and every variant's outputs and
-state stay finite over the whole stream (Aaren's running sums grow with every token: the soak
-checks that no precision lets them overflow). Results go to `<output-dir>/edge.json`.
+32 tokens and every variant's outputs and state stay finite over the whole stream (Aaren's
+running sums grow with every token). Results go to `<output-dir>/edge.json`.
 """
 
 import os
@@ -129,11 +124,10 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=9, help="turns of the timing per position")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--quick", action="store_true", help=f"tiny sizes: {QUICK}")
-    args = parser.parse_args(argv)
+    args = common.parse(parser, argv, "width", "heads", "depth", "window", "rounds")
     args.calibration, args.streams = 8, [1, 64, 1024]
     for name, value in (QUICK if args.quick else {}).items():
         setattr(args, name, value)
-    common.at_least_one(parser, args, "width", "heads", "depth", "window", "rounds")
     if not START < args.late <= args.tokens:
         parser.error(
             f"--late must be more than {START} and at most --tokens. Received: "

@@ -48,7 +48,7 @@ MAX_LENGTH = {"rnn_cell": 4096, "mha_causal": 4096}
 
 
 def parse_args(argv, contenders):
-    parser = common.parser(__doc__, ("tensorflow", "jax", "torch"))
+    parser = common.parser(__doc__, ("tensorflow", "jax", "torch"), jit_compile="the step")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024, 4096, 16384])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=4)
@@ -56,10 +56,7 @@ def parse_args(argv, contenders):
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--only", nargs="+", choices=list(contenders))
     parser.add_argument("--max-length", nargs="+", default=[], metavar="NAME=T")
-    common.add_jit_compile(parser)
-    args = parser.parse_args(argv)
-    common.at_least_one(parser, args, "lengths", "batch", "heads", "key_dim", "repeats")
-    common.check_jit_compile(parser, args)
+    args = common.parse(parser, argv, "lengths", "batch", "heads", "key_dim", "repeats")
     limits = dict(MAX_LENGTH)
     for item in args.max_length:
         name, _, steps = item.partition("=")

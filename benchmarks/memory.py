@@ -121,7 +121,7 @@ def run_child(command, env, cap):
 
 def main(argv=None):
     """Run the benchmark; return the exit status (1 when it refuses to report)."""
-    parser = common.parser(__doc__)
+    parser = common.parser(__doc__, jit_compile="the step")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=4)
@@ -130,12 +130,9 @@ def main(argv=None):
     parser.add_argument("--processes", type=int, default=3, help="per contender and length")
     parser.add_argument("--cap-gib", type=float, default=10.0, help="stop a child past this")
     parser.add_argument("--child", nargs=2, metavar=("NAME", "T"), help="measure in this process")
-    common.add_jit_compile(parser)
-    args = parser.parse_args(argv)
-    common.at_least_one(parser, args, "lengths", "batch", "heads", "key_dim", "processes")
+    args = common.parse(parser, argv, "lengths", "batch", "heads", "key_dim", "processes")
     if args.cap_gib <= 0:
         parser.error(f"--cap-gib must be positive. Received: {args.cap_gib}")
-    common.check_jit_compile(parser, args)
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args)))
         return 0

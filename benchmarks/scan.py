@@ -90,10 +90,8 @@ def main(argv=None, scan=aaren_scan):
     parser.add_argument("--value-dim", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--segment-length", type=int, default=None)
-    args = parser.parse_args(argv)
-    common.at_least_one(parser, args, "lengths", "batch", "heads", "value_dim", "repeats")
-    if args.segment_length is not None:
-        common.at_least_one(parser, args, "segment_length")
+    positive = ("lengths", "batch", "heads", "value_dim", "repeats", "segment_length")
+    args = common.parse(parser, argv, *positive)
 
     error = oracle_error(scan, args.segment_length)
     if common.refuse_if_wrong({"the scan": error}):

@@ -6,27 +6,22 @@ Run (defaults: 4 layers of width 64, 4 heads of 16, one stream of 16384 tokens; 
     python -m benchmarks.streaming --jit-compile    # XLA for the aaren and lstm steps
 
 Three models of the same width and depth serve one stream, a token per call, each call a
-`tf.function` traced once and each token's output fetched before the next is sent:
+`tf.function` traced once and each output fetched before the next token is sent: `aaren`, four
+`AarenBlock`s, and `lstm`, four `keras.layers.LSTM`s, each served by
+`keras_aaren.streaming.make_step_function` with a fixed state; `transformer_kv`, four post-norm
+blocks of causal `MultiHeadAttention` (the AarenBlock's layout) decoding with a KV cache that
+each call returns grown by the token's keys and values. The KV-cache step stays a plain
+`tf.function` under `--jit-compile`: XLA would compile again for every cache length.
 
-* `aaren`: four `AarenBlock`s, served by `keras_aaren.streaming.make_step_function`; the state
-  is a fixed set of tensors;
-* `lstm`: four `keras.layers.LSTM` layers, served the same way;
-* `transformer_kv`: four post-norm blocks of causal `keras.layers.MultiHeadAttention` (the
-  AarenBlock's layout, with an input-dependent query) decoding with a KV cache: each call
-  attends over the cache and the token and returns the cache grown by the token's keys and
-  values, so its cost grows with the position. It stays a plain `tf.function` under
-  `--jit-compile`: its cache grows by one entry per token, a shape XLA would compile again for.
+Reported per model: the median latency per token at token 16 and at the last token, the state
+(or cache) in bytes and the process's resident memory as the stream goes, and the cumulative
+time (the efficiency figure of Feng et al.). The latencies are not read off the stream, where a
+slow spell of a shared machine lasting hundreds of tokens would pass for a cost of the position:
+the states before both tokens are kept, and after the stream every model steps from each of them
+in turns, `--rounds` rounds of `--window` calls.
 
-Reported per model: the median per-token latency at token 16 and at the last token, the state
-(or cache) in bytes, and the process's resident memory as the stream goes (the efficiency figure
-of Feng et al.). The latencies are not read off the stream, where a slow spell of a shared
-machine lasting hundreds of tokens would pass for a cost that changes with the position: the
-states before token 16 and before the last token are kept, and after the stream every model
-steps from each of them in turns, `--rounds` rounds of `--window` calls.
-
-It refuses to report (exit status 1) unless, on a short sequence, stepping each model reproduces
-the same model run over the whole sequence at once. Results go to `<output-dir>/streaming.json`
-and `streaming.png`.
+It refuses to report (exit status 1) unless, over 40 tokens, stepping each model reproduces the
+same model run over the whole sequence. Results go to `<output-dir>/streaming.json` and `.png`.
 """
 
 import os
@@ -60,16 +55,14 @@ def main(argv=None, step_function=make_step_function):
         step_function: serves a Keras model one token per call, with the signature and result
             of `keras_aaren.streaming.make_step_function` (the default).
     """
-    parser = common.parser(__doc__, ("tensorflow",))
+    parser = common.parser(__doc__, ("tensorflow",), jit_compile="the aaren and lstm steps")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--window", type=int, default=64, help="calls per turn of the timing")
     parser.add_argument("--rounds", type=int, default=9, help="turns of the timing per position")
-    common.add_jit_compile(parser, "the aaren and lstm steps")
-    args = parser.parse_args(argv)
-    common.at_least_one(parser, args, "width", "heads", "depth", "window", "rounds")
+    args = common.parse(parser, argv, "tokens", "width", "heads", "depth", "window", "rounds")
     if args.tokens <= START:
         parser.error(f"--tokens must be more than {START}. Received: {args.tokens}")
 
@@ -96,7 +89,7 @@ def main(argv=None, step_function=make_step_function):
             served[kind, where] = (step, run.kept[t])
         results[kind] = {
             "cumulative_s": np.cumsum(run.latencies).tolist(),
-            "state_bytes": run.state_bytes.tolist(),
+            "state_bytes": run.state_bytes,
             "resident_mib_start": run.resident[START - 1] / 2**20,
             "resident_mib_end": run.resident[-1] / 2**20,
         }
