@@ -454,10 +454,12 @@ def kv_cache_step_function(model):
     token, *caches = step_model.inputs
     names = [t.name for t in caches]
 
-    @tf.function(input_signature=[tf.TensorSpec(t.shape, t.dtype) for t in step_model.inputs])
-    def run(x, *caches):
+    def grow(x, *caches):
         out = step_model({"x": x, **dict(zip(names, caches))})
         return out["y"], [ops.concatenate([c, out[f"new_{n}"]], 1) for n, c in zip(names, caches)]
+
+    signature = [tf.TensorSpec(t.shape, t.dtype) for t in step_model.inputs]
+    run = tf.function(grow, input_signature=signature).get_concrete_function()
 
     def step(x, caches):
         y, grown = run(ops.convert_to_tensor(x), *(caches[n] for n in names))
