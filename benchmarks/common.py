@@ -1,9 +1,6 @@
-"""What the benchmark modules share: the contenders and their training step, the oracle check that
-refuses to report, the timing loop, the machine record, the JSON and the plots, and the models
-served one token per call (Aaren blocks, an LSTM stack, a KV-cache Transformer) with the loop
-that serves them.
-
-Shape letters: B batch, T timesteps, H heads, D value dimension.
+"""What the benchmark modules share: the contenders, their training step and oracle check, the
+arguments, the timing loop, the record, and the models served one token per call with the loop
+that serves them. Shape letters: B batch, T timesteps, H heads, D value dimension.
 """
 
 import argparse
@@ -37,8 +34,8 @@ ALLOCATOR_VARIABLES = ("TF_CPU_ALLOCATOR_USE_BFC", "MALLOC_MMAP_THRESHOLD_", "LD
 
 def tfp_style_prefix(scores, values):
     """The softmax prefix as a TFP-style implementation computes it: one associative scan over
-    the concatenated `[m, u, w]` tensor, with no chunking. `(B, T, H)` scores and `(B, T, H, D)`
-    values -> `(B, T, H, D)` attended values."""
+    the concatenated `[m, u, w]` tensor, no chunking. `(B, T, H)`, `(B, T, H, D)` -> `(B, T, H, D)`.
+    """
     leaves = ops.concatenate([scores[..., None], ops.ones_like(scores)[..., None], values], -1)
 
     def combine(a, b):
@@ -110,14 +107,10 @@ CONTENDERS = {
 
 
 def oracle_error(contenders, seed=0):
-    """`{name: largest difference from the naive oracle}` of every exact contender.
-
-    Each is built with 2 heads of 8 and called on a `(2, 37, 16)` input; the oracle is
-    `aaren_attention_naive` in float64 over the scores and values of the contender's own cell,
-    projected back by that cell. Matrix products run in full float32 precision (JAX uses TF32 on
-    recent NVIDIA GPUs by default): the check tests the algorithm, while the timed steps keep the
-    default a user gets.
-    """
+    """`{name: largest difference}` of every exact contender (2 heads of 8, on a `(2, 37, 16)`
+    input) from `aaren_attention_naive` in float64 over its own cell's scores and values. Matrix
+    products run in full float32 (JAX uses TF32 on recent NVIDIA GPUs by default): the check
+    tests the algorithm; the timed steps keep the default a user gets."""
     x = np.random.default_rng(seed).normal(size=(2, 37, 16)).astype("float32")
     errors = {}
     with full_precision_matmuls():
@@ -184,13 +177,10 @@ def compile_mode(jit_compile):
 
 def train_step(layer, batch, steps, width, jit_compile=False):
     """`run()`: one step of `layer` on a random `(batch, steps, width)` input (output,
-    sum-of-squares loss, gradients of the input and the weights), waited for.
-
-    TensorFlow: a `tf.function`, with XLA if `jit_compile`. JAX: `jax.jit` of `jax.grad` over
-    the layer's `stateless_call`; `run.memory_analysis()` gives XLA's buffer plan of the step.
-    PyTorch: `torch.autograd.grad` run eagerly, or under `torch.compile` if `jit_compile`, as
-    Keras' `fit` runs its step there.
-    """
+    sum-of-squares loss, gradients of the input and the weights), waited for: a `tf.function`
+    (XLA if `jit_compile`); `jax.jit` of `jax.grad` over `stateless_call`, with
+    `run.memory_analysis()`, XLA's buffer plan; eager `torch.autograd.grad` (`torch.compile` if
+    `jit_compile`, as Keras' `fit` does on PyTorch)."""
     x = keras.random.normal((batch, steps, width), seed=0)
     layer(x[:, :2])
     backend = keras.backend.backend()
@@ -246,13 +236,10 @@ def train_step(layer, batch, steps, width, jit_compile=False):
 
 
 def time_in_turns(calls, rounds, per_turn=1, warmup=0):
-    """`{key: [seconds of every timed call]}` of the functions `calls`, `{key: fn}`, timed in
-    turns: each of `rounds` rounds gives every key `per_turn` calls in a row, starting one key
-    further along than the last round, after `warmup` untimed calls of each.
-
-    Timing in turns spreads a slow spell of a shared machine over every key, instead of over
-    whichever happened to be timed during it.
-    """
+    """`{key: [seconds of every timed call]}` of `calls`, `{key: fn}`, after `warmup` untimed
+    calls each: each of `rounds` rounds gives every key `per_turn` calls in a row, starting one
+    key further along than the last round, so that a slow spell of a shared machine falls on
+    every key instead of on whichever was timed during it."""
     keys = list(calls)
     for fn in calls.values():
         for _ in range(warmup):
@@ -269,16 +256,14 @@ def time_in_turns(calls, rounds, per_turn=1, warmup=0):
 
 
 def status_bytes(field, pid="self"):
-    """A memory field of /proc/<pid>/status (Linux), such as VmRSS or VmHWM, in bytes; None once
-    the process has exited."""
+    """A memory field of /proc/<pid>/status (Linux), such as VmRSS, in bytes; None once the
+    process has exited."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return 1024 * int(line.split()[1])
+            lines = [line for line in f if line.startswith(field + ":")]
+        return 1024 * int(lines[0].split()[1]) if lines else None
     except FileNotFoundError:
-        pass
-    return None
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,15 +323,15 @@ def pyplot():
 
 
 def plot_against_length(results, path, ylabel, title):
-    """`{contender: {T: value}}` as one log-log line per contender, saved to `path`; values of 0
-    or less have no place on a log scale and are left out."""
+    """`{contender: {T: value}}` as one log-log line per contender (one colour per name in every
+    plot), saved to `path`; values of 0 or less have no place on a log scale."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, name in enumerate(CONTENDERS):
-        row = {t: value for t, value in results.get(name, {}).items() if value > 0}
-        if row:
-            lengths = sorted(row)
-            ax.plot(lengths, [row[t] for t in lengths], marker="o", label=name, color=f"C{i}")
+    colours = {name: f"C{i}" for i, name in enumerate(CONTENDERS)}
+    for name, row in results.items():
+        lengths = sorted(t for t, value in row.items() if value > 0)
+        if lengths:
+            ax.plot(lengths, [row[t] for t in lengths], "o-", label=name, color=colours.get(name))
     ax.set_xscale("log", base=2)
     ax.set(yscale="log", xlabel="sequence length T", ylabel=ylabel, title=title)
     if ax.get_legend_handles_labels()[0]:
@@ -389,10 +374,9 @@ def sequence_model(kind, width, heads, depth):
 
 
 class CachedAttention(keras.layers.Layer):
-    """One token's attention over the cached keys and values and its own, with the weights of a
-    trained `MultiHeadAttention`: `(x, keys, values) -> (attended, key, value)`, `x` of shape
-    `(B, width)`, the caches `(B, L, heads, dim)`, the token's key and value `(B, 1, heads, dim)`.
-    """
+    """One token's attention over the cached keys and values and its own, with a trained
+    `MultiHeadAttention`'s weights: `(x (B, width), keys, values (B, L, heads, dim))` ->
+    `(attended, key, value)`, the token's key and value `(B, 1, heads, dim)`."""
 
     def __init__(self, attention, **kwargs):
         super().__init__(**kwargs)
@@ -443,11 +427,9 @@ def transformer_step_model(model, cache_length, batch_size=1):
 
 
 def kv_cache_step_function(model):
-    """`step(x, caches) -> (y, caches)` serving a `"transformer_kv"` model one token per call,
-    batch 1, each call returning the caches grown by the token's keys and values;
-    `step.initial_states()` gives empty ones. The step is a `tf.function` traced once for any
-    cache length (without XLA: a program compiled per shape would compile again at every token).
-    """
+    """`step(x, caches) -> (y, caches grown by the token's keys and values)` serving a
+    `"transformer_kv"` model, batch 1; `step.initial_states()` gives empty caches. A `tf.function`
+    traced once for any cache length (without XLA, which would compile again at every token)."""
     import tensorflow as tf
 
     step_model = transformer_step_model(model, None)
@@ -485,14 +467,10 @@ def state_bytes(states):
 
 
 def serve(step, states, xs, keep_at=(), record_memory=False):
-    """Serve the tokens `xs`, `(T, B, width)`, one per call of `step(x, states) -> (y, states)`,
-    each call timed and its output fetched before the next token is sent.
-
-    Returns a namespace: `outputs`, `(T, B, width)`; `latencies`, seconds per call; `kept`,
-    `{t: the states before the token at position t}` for `t` in `keep_at`; `states`, after the
-    last token; with `record_memory`, `resident` (the process's resident bytes) and
-    `state_bytes` after every token.
-    """
+    """Serve `xs`, `(T, B, width)`, one token per timed call of `step(x, states) -> (y, states)`,
+    each output fetched before the next token. Returns `outputs` `(T, B, width)`, `latencies`,
+    `kept` (`{t: the states before position t}` for `t` in `keep_at`), the last `states` and,
+    with `record_memory`, the process's `resident` bytes and `state_bytes` after every token."""
     run = types.SimpleNamespace(outputs=[], latencies=[], kept={}, resident=[], state_bytes=[])
     for t, x in enumerate(xs):
         if t in keep_at:
@@ -511,10 +489,8 @@ def serve(step, states, xs, keep_at=(), record_memory=False):
 
 
 def step_latencies(served, width, rounds, per_turn):
-    """`{key: [seconds]}` of each served step, `{key: (step, states)}`, timed in turns
-    (`time_in_turns`), every call stepping one random token (a batch of the states' first
-    dimension) from the same kept states, so that a late position is timed as late as it was
-    served."""
+    """`{key: [seconds]}` of each served `{key: (step, states)}`, timed in turns, every call
+    stepping a random token from the same kept states: a late position is timed as served."""
     rng = np.random.default_rng(1)
     calls = {}
     for key, (step, states) in served.items():

@@ -9,34 +9,23 @@ Run (defaults: batch 8, width 64, 4 heads of 16, float32, T = 64 ... 16384):
     KERAS_BACKEND=torch python -m benchmarks.layers --jit-compile   # torch.compile
     python -m benchmarks.layers --lengths 64 1024 4096 --only aaren projections_only mha_causal lstm
 
-Each contender is one layer called on `(batch, T, width)` in a step that computes the output, a
+Each contender is one layer on `(batch, T, width)` in a step that computes the output, a
 sum-of-squares loss and the gradients of the input and the weights, compiled as Keras' `fit`
-compiles its step: a `tf.function` on TensorFlow (with XLA under `--jit-compile`), `jax.jit` on
-JAX, eager autograd on PyTorch (`torch.compile` under `--jit-compile`, as Keras' `jit_compile=True`
-does there; it compiles every contender's step at every length, which takes minutes on a CPU).
-Each step runs twice before timing; then, per length, the contenders are timed in turns, one
-call each per round for `--repeats` rounds, so that a slow spell of a shared machine falls on all
-of them alike. The table gives each contender's median and its time over Aaren's.
-
-Contenders:
-
-* `aaren`: `keras_aaren.Aaren` (method `auto`, the chunked scan);
-* `aaren_associative`: the same layer with the paper's `keras.ops.associative_scan`;
-* `tfp_style`: Aaren's projections around one associative scan over the concatenated
-  `[m, u, w]` tensor, with no chunking, as a TFP-style implementation computes the prefix;
-* `mha_causal`: `keras.layers.MultiHeadAttention(4, 16)` self-attention, `use_causal_mask=True`;
-* `rnn_cell`: `keras.layers.RNN(AarenCell)`, stepping Aaren's cell token by token;
-* `lstm`: `keras.layers.LSTM(64, return_sequences=True)`;
-* `projections_only`, only when `--only` names it: Aaren's projections around no prefix at all
-  (each value times its own score), what the step costs around any scan. The table then also
-  gives Aaren ÷ `projections_only`.
-
-Stepping and causal attention stop at `MAX_LENGTH` (4096) unless `--max-length NAME=T` says
-otherwise (causal attention's scores alone are 8.6 GB at the default shape and T = 8192).
+compiles its step (`benchmarks.common.train_step`; `torch.compile` compiles every contender at
+every length, which takes minutes on a CPU). After two untimed calls, the contenders are timed
+in turns, one call each per round for `--repeats` rounds; the table gives medians and each time
+over Aaren's. Contenders: `aaren` (`keras_aaren.Aaren`, the chunked scan); `aaren_associative`
+(the paper's `keras.ops.associative_scan`); `tfp_style` (Aaren's projections around one
+associative scan over the concatenated `[m, u, w]`, as a TFP-style implementation computes it);
+`mha_causal` (`keras.layers.MultiHeadAttention(4, 16)`, `use_causal_mask=True`); `rnn_cell`
+(`keras.layers.RNN(AarenCell)`, stepping); `lstm` (`keras.layers.LSTM(64)`); and, only when
+`--only` names it, `projections_only`: Aaren's projections around no prefix at all (each value
+times its own score), what the step costs around any scan, with Aaren ÷ `projections_only`.
+Stepping and causal attention stop at T = 4096 unless `--max-length NAME=T` says otherwise
+(causal attention's scores alone are 8.6 GB at the default shape and T = 8192).
 
 It refuses to report (exit status 1) if a contender that computes Aaren's attention does not
-match the naive softmax oracle on a small case first. Results go to `<output-dir>/layers.json`
-and `layers.png`.
+match the naive softmax oracle first. Results go to `<output-dir>/layers.json` and `layers.png`.
 """
 
 import statistics

@@ -6,29 +6,19 @@ Run (defaults: batch 8, width 64, 4 heads of 16, float32, T = 1024 ... 16384; Li
     python -m benchmarks.memory --jit-compile --only aaren tfp_style mha_causal   # under XLA
     KERAS_BACKEND=jax python -m benchmarks.memory                 # on a GPU: the device's
 
-Each (contender, length) runs in `--processes` (3) fresh processes, one after the other: each
-builds the layer and the input, runs the training step that `benchmarks.layers` times once
-(tracing and compiling it), then measures the working memory of the next steps. The figure is
-the median over the processes, with the least and the most of any step: under a plain
+Each (contender, length) runs in `--processes` (3) fresh processes, one after the other, each
+running the step of `benchmarks.layers` once (tracing and compiling it) before measuring. The
+figure is the median over the processes, with the least and the most of any step: under a plain
 `tf.function` the order in which TensorFlow's executor runs independent ops decides how many
-large buffers are live at once, and it differs from process to process; under `--jit-compile`
-XLA's buffer plan is the same in every process.
-
-* TensorFlow: the peak of the bytes its CPU allocator has in use during a step, above those in
-  use before it (`tf.config.experimental.get_memory_info`, reset before the step; every tensor
-  of the step and the temporaries of its XLA kernels), the median of 5 steps per process.
-* JAX on an accelerator: the device allocator's peak during two steps above what was in use
-  before them (it includes what compiling allocated there: the peak cannot be reset). On a CPU,
-  the process's peak resident growth over one step (the kernel's VmHWM, reset through
-  `/proc/self/clear_refs`). Every JAX record also keeps XLA's plan of the compiled step
-  (`memory_analysis()`: temporaries and outputs). The processes run with
-  `XLA_PYTHON_CLIENT_PREALLOCATE=false`, so that no process takes 75% of a GPU up front.
-
-A contender that does not fit is measured as a lower bound: the parent watches each child's
-resident size and stops it once it has grown by `--cap-gib` (10) above what it held before its
-first step. It refuses to report (exit status 1) if a contender that computes Aaren's attention
-does not match the naive softmax oracle first. Results go to `<output-dir>/memory.json` and
-`memory.png`.
+large buffers are live at once, and it differs between processes. What a process measures: on
+TensorFlow, the peak of the bytes its CPU allocator has in use during a step above those in use
+before it (`tf.config.experimental.get_memory_info`), the median of 5 steps; on JAX on an
+accelerator, the device allocator's peak during two steps (compilation's included: the peak
+cannot be reset); on a JAX CPU, the peak resident growth over one step (VmHWM). JAX records also
+keep XLA's plan of the step (`memory_analysis()`: temporaries and outputs). A process that grows
+`--cap-gib` (10) past its start is stopped: a lower bound. It refuses to report (exit status 1)
+if a contender that computes Aaren's attention does not match the naive softmax oracle first.
+Results go to `<output-dir>/memory.json` and `memory.png`.
 """
 
 import json
@@ -171,15 +161,10 @@ def main(argv=None):
                     "children": children,
                 }
             row = results[name][steps]
+            figure = f"failed: {row['failed']}" if "failed" in row else "stopped past the cap"
             if "peak" in row:
-                figure = (
-                    f"{row['peak'] * mib:.1f} [{row['least'] * mib:.1f}-{row['most'] * mib:.1f}]"
-                )
-                figure += f" MiB ({row['memory']})"
-            elif "over_cap" in row:
-                figure = f"> {cap * mib:.0f} MiB (stopped)"
-            else:
-                figure = f"failed: {row['failed']}"
+                least, peak, most = (row[k] * mib for k in ("least", "peak", "most"))
+                figure = f"{peak:.1f} [{least:.1f}-{most:.1f}] MiB ({row['memory']})"
             print(f"T={steps:6d} {name:12s} {figure}", flush=True)
 
     mode = common.compile_mode(args.jit_compile)

@@ -6,18 +6,14 @@ Run (defaults: values of shape (8, T, 4, 16), float32, T = 1024 ... 16384):
     python -m benchmarks.scan --segment-length 100     # and on packed rows
     KERAS_BACKEND=jax python -m benchmarks.scan        # eager and jax.jit, JAX's default device
 
-A cumulative sum over the values reads and writes the tensor once: the least a prefix reduction
-over them can cost. Both are timed from two callers: on TensorFlow, a `tf.function` without XLA
-(each of the scan's operations a kernel of its own) and one with `jit_compile=True` (the scan
-fused with its caller); on JAX, an eager call (`aaren_scan` then runs as one compiled program
-per length bucket) and a caller's `jax.jit`, each call waited for. With `--segment-length N`,
-the scan also runs on packed rows, `segment_ids` (an input of the caller, as in training)
-starting a new segment every N tokens: packed ÷ scan is what the segments cost.
-
-The three are timed in turns (`benchmarks.common.time_in_turns`) after two untimed calls each;
-the table gives medians of `--repeats` calls and the ratios. It refuses to report (exit status
-1) if the scan does not match the naive softmax oracle first. Results go to
-`<output-dir>/scan.json`.
+A cumulative sum over the values reads and writes the tensor once: the least a prefix over them
+can cost. Both run under two callers: on TensorFlow a `tf.function` without XLA and one with
+`jit_compile=True`; on JAX an eager call (`aaren_scan` runs as one program per length bucket) and
+a caller's `jax.jit`, each call waited for. With `--segment-length N` the scan also runs on packed
+rows (`segment_ids`, an input of the caller, start a segment every N tokens). The three are timed
+in turns after two untimed calls each, `--repeats` rounds; the table gives medians, scan ÷ cumsum
+and packed ÷ scan. It refuses to report (exit status 1) if the scan does not match the naive
+softmax oracle first. Results go to `<output-dir>/scan.json`.
 """
 
 import functools
