@@ -1,18 +1,16 @@
-"""What the benchmark modules share: the contenders, their training step, the oracle check that
-refuses to report, timing in turns, process memory, the machine record, the JSON and the plots,
-and the models served one token per call (Aaren blocks, an LSTM stack, a KV-cache Transformer)
-with the loops that serve and time them.
-
-Shape letters: B batch, T timesteps, H heads, D value dimension.
+"""What the benchmark modules share: the contenders, their training step and oracle check, the
+arguments, the timing loop, the record, and the models served one token per call with the loop
+that serves them. Shape letters: B batch, T timesteps, H heads, D value dimension.
 """
 
-import dataclasses
+import argparse
 import json
 import math
 import os
 import platform
-import resource
 import time
+import types
+import typing
 from collections.abc import Callable
 
 import keras
@@ -22,21 +20,13 @@ from keras import ops
 from keras_aaren import Aaren, AarenBlock, AarenCell
 from keras_aaren.ops import aaren_attention_naive, full_precision_matmuls
 
-BACKENDS = ("tensorflow", "jax")
-
 # The largest difference from the oracle a benchmark accepts before it refuses to report: float32
 # against the float64 oracle, well above rounding and far below any error in the algorithm.
 ORACLE_TOLERANCE = 1e-4
 
 # The environment variables that choose how host memory is allocated. They move Aaren's figures
 # on TensorFlow's CPU backend (docs/benchmarks.md), so every record names them.
-ALLOCATOR_VARIABLES = (
-    "TF_CPU_ALLOCATOR_USE_BFC",
-    "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "LD_PRELOAD",
-)
-
+ALLOCATOR_VARIABLES = ("TF_CPU_ALLOCATOR_USE_BFC", "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD")
 
 # ---------------------------------------------------------------------------------------------
 # Contenders
@@ -44,9 +34,7 @@ ALLOCATOR_VARIABLES = (
 
 def tfp_style_prefix(scores, values):
     """The softmax prefix as a TFP-style implementation computes it: one associative scan over
-    the concatenated `[m, u, w]` tensor, with no chunking.
-
-    `(B, T, H)` scores and `(B, T, H, D)` values -> `(B, T, H, D)` attended values.
+    the concatenated `[m, u, w]` tensor, no chunking. `(B, T, H)`, `(B, T, H, D)` -> `(B, T, H, D)`.
     """
     leaves = ops.concatenate([scores[..., None], ops.ones_like(scores)[..., None], values], -1)
 
@@ -55,21 +43,9 @@ def tfp_style_prefix(scores, values):
         scale_a, scale_b = ops.exp(a[..., :1] - m), ops.exp(b[..., :1] - m)
         return ops.concatenate([m, a[..., 1:] * scale_a + b[..., 1:] * scale_b], -1)
 
-    prefix = ops.associative_scan(combine, leaves, axis=1)
     # keras.ops.associative_scan on TensorFlow loses the rank; give the leaves' shape back.
-    prefix = ops.reshape(prefix, ops.shape(leaves))
+    prefix = ops.reshape(ops.associative_scan(combine, leaves, axis=1), ops.shape(leaves))
     return prefix[..., 2:] / prefix[..., 1:2]
-
-
-def cumsum_prefix(scores, values):
-    """Every prefix's softmax mean as two plain cumulative sums, with no running max.
-
-    Exact only while every $e^{s}$ fits in float32 (scores below about 88): not a usable layer,
-    but the prefix built on the backend's own cumulative-sum op, to set Aaren's scan beside.
-    """
-    weights = ops.exp(scores)  # (B, T, H)
-    total = ops.cumsum(weights, axis=1)[..., None]
-    return ops.cumsum(weights[..., None] * values, axis=1) / total
 
 
 def no_prefix(scores, values):
@@ -80,11 +56,9 @@ def no_prefix(scores, values):
 
 
 class ProjectedPrefix(keras.layers.Layer):
-    """Aaren's projections (an `AarenCell`'s weights) around another prefix over the tokens.
-
-    `prefix` maps scores `(B, T, H)` and values `(B, T, H, D)` to the attended values
-    `(B, T, H, D)`, as `aaren_scan` does in `Aaren`.
-    """
+    """Aaren's projections (an `AarenCell`'s weights) around another prefix over the tokens:
+    `prefix` maps scores `(B, T, H)` and values `(B, T, H, D)` to attended values `(B, T, H, D)`,
+    as `aaren_scan` does in `Aaren`."""
 
     def __init__(self, num_heads, key_dim, prefix, **kwargs):
         super().__init__(**kwargs)
@@ -95,37 +69,21 @@ class ProjectedPrefix(keras.layers.Layer):
         self.cell.build((input_shape[0], input_shape[-1]))
 
     def call(self, x):
-        scores, values = self.cell.project(x)  # (B, T, H), (B, T, H, D)
-        return self.cell.output_projection(self.prefix(scores, values))
+        return self.cell.output_projection(self.prefix(*self.cell.project(x)))
 
 
-class CausalSelfAttention(keras.layers.Layer):
+def causal_self_attention(num_heads, key_dim):
     """`keras.layers.MultiHeadAttention` over a sequence and itself, with a causal mask."""
-
-    def __init__(self, num_heads, key_dim, **kwargs):
-        super().__init__(**kwargs)
-        self.attention = keras.layers.MultiHeadAttention(num_heads, key_dim)
-
-    def build(self, input_shape):
-        self.attention.build(input_shape, input_shape)
-
-    def call(self, x):
-        return self.attention(x, x, use_causal_mask=True)
+    x = keras.Input((None, num_heads * key_dim))
+    attention = keras.layers.MultiHeadAttention(num_heads, key_dim)
+    return keras.Model(x, attention(x, x, use_causal_mask=True))
 
 
-@dataclasses.dataclass(frozen=True)
-class Contender:
-    """A layer to benchmark.
-
-    Attributes:
-        build: `(num_heads, key_dim)` -> a layer mapping `(B, T, num_heads * key_dim)` to a
-            sequence of the same length.
-        exact: whether the layer computes Aaren's attention through an `AarenCell` at its
-            `cell` attribute: the oracle check then compares its output with
-            `aaren_attention_naive` over that cell's projections.
-        reference: whether it runs only when named (`--only`): a yardstick, not a layer a user
-            would pick.
-    """
+class Contender(typing.NamedTuple):
+    """A layer to benchmark: `build(num_heads, key_dim)` maps `(B, T, num_heads * key_dim)` to a
+    sequence of the same length; `exact`, it computes Aaren's attention through an `AarenCell` at
+    its `cell` attribute, which the oracle check compares with `aaren_attention_naive`;
+    `reference`, it runs only when `--only` names it: a yardstick, not a layer to pick."""
 
     build: Callable[[int, int], keras.layers.Layer]
     exact: bool = False
@@ -138,64 +96,38 @@ CONTENDERS = {
         lambda h, k: Aaren(h, k, return_sequences=True, method="associative"), exact=True
     ),
     "tfp_style": Contender(lambda h, k: ProjectedPrefix(h, k, tfp_style_prefix), exact=True),
-    "mha_causal": Contender(CausalSelfAttention),
+    "mha_causal": Contender(causal_self_attention),
     "rnn_cell": Contender(
         lambda h, k: keras.layers.RNN(AarenCell(h, k, output_dim=h * k), return_sequences=True),
         exact=True,
     ),
     "lstm": Contender(lambda h, k: keras.layers.LSTM(h * k, return_sequences=True)),
-    # Aaren's own projections around the cheapest prefixes, to show where Aaren's time goes.
-    "cumsum_prefix": Contender(
-        lambda h, k: ProjectedPrefix(h, k, cumsum_prefix), exact=True, reference=True
-    ),
     "projections_only": Contender(lambda h, k: ProjectedPrefix(h, k, no_prefix), reference=True),
 }
 
-# One colour per contender, the same in every plot whichever contenders it shows.
-COLOURS = {name: f"C{i % 10}" for i, name in enumerate(CONTENDERS)}
-
 
 def oracle_error(contenders, seed=0):
-    """The largest difference between any exact contender's output and the naive oracle's.
-
-    Each contender is built with 2 heads of 8 and called on a `(2, 37, 16)` input; the oracle is
-    `aaren_attention_naive` in float64 over the scores and values of the contender's own cell,
-    projected back by that cell. Matrix products run in full float32 precision (JAX uses TF32 on
-    recent NVIDIA GPUs by default, for every contender alike): the check tests the algorithm,
-    while the timed steps keep the default a user gets.
-
-    Args:
-        contenders: `{name: Contender}`; those not `exact` are skipped.
-        seed: seed of the input.
-
-    Returns:
-        `{name: max absolute error}` for every exact contender.
-    """
+    """`{name: largest difference}` of every exact contender (2 heads of 8, on a `(2, 37, 16)`
+    input) from `aaren_attention_naive` in float64 over its own cell's scores and values. Matrix
+    products run in full float32 (JAX uses TF32 on recent NVIDIA GPUs by default): the check
+    tests the algorithm; the timed steps keep the default a user gets."""
     x = np.random.default_rng(seed).normal(size=(2, 37, 16)).astype("float32")
     errors = {}
     with full_precision_matmuls():
         for name, contender in contenders.items():
-            if not contender.exact:
-                continue
-            layer = contender.build(2, 8)
-            got = ops.convert_to_numpy(layer(x))
-            cell = layer.cell
-            scores, values = (ops.convert_to_numpy(t).astype("float64") for t in cell.project(x))
-            attended, _ = aaren_attention_naive(scores, values)
-            expected = ops.convert_to_numpy(cell.output_projection(ops.cast(attended, "float32")))
-            errors[name] = float(np.abs(got - expected).max())
+            if contender.exact:
+                layer = contender.build(2, 8)
+                got = ops.convert_to_numpy(layer(x))
+                scores, values = (to_host(t).astype("float64") for t in layer.cell.project(x))
+                attended, _ = aaren_attention_naive(scores, values)
+                expected = layer.cell.output_projection(ops.cast(attended, "float32"))
+                errors[name] = float(np.abs(got - to_host(expected)).max())
     return errors
 
 
 def refuse_if_wrong(errors, what="the oracle", tolerance=ORACLE_TOLERANCE):
-    """Print why a benchmark refuses to report and return True if any error exceeds
-    `tolerance`; return False otherwise.
-
-    Args:
-        errors: `{name: max absolute error}` against `what`.
-        what: what the errors were measured against, for the message.
-        tolerance: the largest error accepted.
-    """
+    """Print why a benchmark refuses to report and return True if any of `{name: error}` exceeds
+    `tolerance`; return False otherwise."""
     wrong = {name: error for name, error in errors.items() if not error <= tolerance}
     for name, error in wrong.items():
         print(f"{name} does not match {what} (max error {error:.2e}): not reporting.")
@@ -203,143 +135,139 @@ def refuse_if_wrong(errors, what="the oracle", tolerance=ORACLE_TOLERANCE):
 
 
 # ---------------------------------------------------------------------------------------------
-# The compiled training step
+# Arguments and the compiled training step
 
 
-def compile_mode(xla):
+def parser(doc, backends=("tensorflow", "jax"), jit_compile=None):
+    """An argument parser described by the module's docstring, with `--output-dir` and, if
+    `jit_compile` names what it compiles, `--jit-compile`; a usage error unless Keras runs on one
+    of `backends`."""
+    result = argparse.ArgumentParser(description=doc.splitlines()[0])
+    result.add_argument("--output-dir", default="outputs/benchmarks")
+    if jit_compile:
+        help = f"compile {jit_compile} as jit_compile=True does (XLA; PyTorch: torch.compile)"
+        result.add_argument("--jit-compile", action="store_true", help=help)
+    if keras.backend.backend() not in backends:
+        received = keras.backend.backend()
+        result.error(f"this benchmark measures {' or '.join(backends)}. Received: {received}")
+    return result
+
+
+def parse(parser, argv, *positive):
+    """`parser`'s arguments; a usage error if one of the `positive` ones is given below 1, or
+    for `--jit-compile` on JAX, where every step is `jax.jit`-compiled."""
+    args = parser.parse_args(argv)
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and (min(value) if isinstance(value, list) else value) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1. Received: {value}")
+    if getattr(args, "jit_compile", False) and keras.backend.backend() == "jax":
+        parser.error("--jit-compile: on JAX every step is jax.jit-compiled. Received: jax")
+    return args
+
+
+def compile_mode(jit_compile):
     """How the timed step is compiled, for titles, tables and records."""
-    if keras.backend.backend() == "jax":
-        return "jax.jit"
-    return "XLA" if xla else "tf.function"
+    return {
+        "jax": ("jax.jit", "jax.jit"),
+        "tensorflow": ("tf.function", "tf.function(jit_compile=True)"),
+        "torch": ("eager", "torch.compile"),
+    }[keras.backend.backend()][bool(jit_compile)]
 
 
-def require_backend(parser, module, backends=BACKENDS):
-    """Stop with a usage error unless Keras runs on one of `backends`."""
+def train_step(layer, batch, steps, width, jit_compile=False):
+    """`run()`: one step of `layer` on a random `(batch, steps, width)` input (output,
+    sum-of-squares loss, gradients of the input and the weights), waited for: a `tf.function`
+    (XLA if `jit_compile`); `jax.jit` of `jax.grad` over `stateless_call`, with
+    `run.memory_analysis()`, XLA's buffer plan; eager `torch.autograd.grad` (`torch.compile` if
+    `jit_compile`, as Keras' `fit` does on PyTorch)."""
+    x = keras.random.normal((batch, steps, width), seed=0)
+    layer(x[:, :2])
     backend = keras.backend.backend()
-    if backend not in backends:
-        parser.error(
-            f"benchmarks.{module} measures {' or '.join(backends)}. "
-            f"Received: KERAS_BACKEND={backend}"
-        )
+    if backend == "jax":
+        import jax
 
+        trainable = [v.value for v in layer.trainable_variables]
+        fixed = [v.value for v in layer.non_trainable_variables]
 
-def refuse_xla_off_tensorflow(parser, xla):
-    """Stop with a usage error when `--xla` is asked for on a backend other than TensorFlow."""
-    backend = keras.backend.backend()
-    if xla and backend != "tensorflow":
-        parser.error(
-            "--xla compiles TensorFlow's step with XLA; on JAX every step is jax.jit-compiled. "
-            f"Received: --xla with KERAS_BACKEND={backend}"
-        )
+        def loss(x, trainable):
+            return ops.sum(ops.square(layer.stateless_call(trainable, fixed, x)[0]))
 
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
 
-def train_step_on(layer, batch, steps, width, xla=False):
-    """The compiled step of `layer` on a random `(batch, steps, width)` input: output,
-    sum-of-squares loss, gradients with respect to the input and the weights.
+        def run():
+            # Dispatch is asynchronous: without the wait, a GPU step would time only its launch.
+            return jax.block_until_ready(step(x, trainable))
 
-    Returns `run()`, which calls the step once and waits for its gradients. On JAX, `run` also
-    has `memory_analysis()`: XLA's buffer plan of the compiled step.
-    """
-    if keras.backend.backend() == "jax":
-        return _jax_train_step_on(layer, batch, steps, width)
+        run.memory_analysis = lambda: step.lower(x, trainable).compile().memory_analysis()
+        return run
+    if backend == "torch":
+        import torch
+
+        x.requires_grad_(True)
+        weights = [v.value for v in layer.trainable_variables]
+
+        def step():
+            return torch.autograd.grad(torch.sum(torch.square(layer(x))), [x, *weights])
+
+        step = torch.compile(step) if jit_compile else step
+
+        def run():
+            gradients = step()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            return gradients
+
+        return run
     import tensorflow as tf
 
-    x = tf.random.normal((batch, steps, width))
-    layer(x[:, :2])
-
-    @tf.function(jit_compile=xla)
-    def train_step(x):
+    @tf.function(jit_compile=jit_compile)
+    def tf_step(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
             loss = tf.reduce_sum(tf.square(layer(x)))
         return tape.gradient(loss, [x, *layer.trainable_variables])
 
-    def run():
-        return [g.numpy() for g in train_step(x)]
-
-    return run
-
-
-def _jax_train_step_on(layer, batch, steps, width):
-    import jax
-    import jax.numpy as jnp
-
-    x = jax.random.normal(jax.random.key(0), (batch, steps, width))
-    layer(x[:, :2])
-    trainable = [v.value for v in layer.trainable_variables]
-    non_trainable = [v.value for v in layer.non_trainable_variables]
-
-    def loss(x, trainable):
-        y, _ = layer.stateless_call(trainable, non_trainable, x)
-        return jnp.sum(jnp.square(y))
-
-    train_step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-    def run():
-        # Dispatch is asynchronous: without the wait, a GPU step would time only its launch.
-        return jax.block_until_ready(train_step(x, trainable))
-
-    run.memory_analysis = lambda: train_step.lower(x, trainable).compile().memory_analysis()
-    return run
+    return lambda: [g.numpy() for g in tf_step(x)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Timing and memory
 
 
-def timed(fn):
-    """Milliseconds and minor page faults of one call of `fn` (pages the kernel mapped in anew)."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
-    fn()
-    ms = 1000 * (time.perf_counter() - start)
-    return ms, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
-def in_turns(keys, rounds):
-    """`keys` in `rounds` rounds, each round starting one key further along than the last.
-
-    Timing contenders in turns spreads a slow spell of a shared machine over all of them,
-    instead of over whichever happened to be timed during it.
-    """
-    keys = list(keys)
-    if not keys:
-        return
-    for round_index in range(rounds):
-        shift = round_index % len(keys)
-        yield from keys[shift:] + keys[:shift]
+def time_in_turns(calls, rounds, per_turn=1, warmup=0):
+    """`{key: [seconds of every timed call]}` of `calls`, `{key: fn}`, after `warmup` untimed
+    calls each: each of `rounds` rounds gives every key `per_turn` calls in a row, starting one
+    key further along than the last round, so that a slow spell of a shared machine falls on
+    every key instead of on whichever was timed during it."""
+    keys = list(calls)
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    samples = {key: [] for key in keys}
+    for index in range(rounds * bool(keys)):
+        shift = index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            for _ in range(per_turn):
+                start = time.perf_counter()
+                calls[key]()
+                samples[key].append(time.perf_counter() - start)
+    return samples
 
 
 def status_bytes(field, pid="self"):
-    """A memory field of /proc/<pid>/status (Linux), such as VmRSS or VmHWM, in bytes.
-
-    None once the process has exited: its file is gone, or, before it is reaped, lists no memory.
-    """
+    """A memory field of /proc/<pid>/status (Linux), such as VmRSS, in bytes; None once the
+    process has exited."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return 1024 * int(line.split()[1])
+            lines = [line for line in f if line.startswith(field + ":")]
+        return 1024 * int(lines[0].split()[1]) if lines else None
     except FileNotFoundError:
-        pass
-    return None
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
 # The record
-
-
-def cpu_name():
-    """The CPU's model name from `/proc/cpuinfo` (Linux), else what `platform` knows of it:
-    `platform.processor()` is empty on many Linux hosts."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device():
@@ -347,21 +275,26 @@ def device():
     if keras.backend.backend() == "jax":
         import jax
 
-        first = jax.devices()[0]
-        if first.platform != "cpu":
-            return f"{first.platform}: {first.device_kind}"
-        return f"cpu: {cpu_name()}"
-    import tensorflow as tf
+        if jax.devices()[0].platform != "cpu":
+            return f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
+    elif keras.backend.backend() == "torch":
+        import torch
 
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"gpu: {gpus[0].name}" if gpus else f"cpu: {cpu_name()}"
+        if torch.cuda.is_available():
+            return f"gpu: {torch.cuda.get_device_name()}"
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if tf.config.list_physical_devices("GPU"):
+            return f"gpu: {tf.config.list_physical_devices('GPU')[0].name}"
+    with open("/proc/cpuinfo") as f:  # Linux; `platform.processor()` is empty on many hosts
+        return "cpu: " + next(line for line in f if "model name" in line).split(":")[1].strip()
 
 
 def machine():
     """What the figures were measured on, for the JSON record."""
     return {
         "platform": platform.platform(),
-        "processor": platform.processor(),
         "cpus": os.cpu_count(),
         "keras": keras.__version__,
         "backend": keras.backend.backend(),
@@ -370,12 +303,12 @@ def machine():
     }
 
 
-def write_json(record, output_dir, name, **dump_options):
+def write_json(record, output_dir, name):
     """Write `record` to `<output_dir>/<name>`, making the folder if needed; return the path."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, name)
     with open(path, "w") as f:
-        json.dump(record, f, **dump_options)
+        json.dump(record, f, indent=1)
     return path
 
 
@@ -389,42 +322,18 @@ def pyplot():
     return plt
 
 
-def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=None):
-    """`{contender: {T: value}}` as one log-log line per contender, saved to `path`.
-
-    Values of 0 or less have no place on a log scale and are left out (a step's memory can
-    read 0 when its buffers are smaller than the allocator's granularity). `lower_bounds`, of
-    the same structure, are values known only to be exceeded: drawn as upward triangles in the
-    contender's colour, unconnected. `ranges`, `{contender: {T: (low, high)}}`, are drawn as
-    vertical bars in the contender's colour.
-    """
+def plot_against_length(results, path, ylabel, title):
+    """`{contender: {T: value}}` as one log-log line per contender (one colour per name in every
+    plot), saved to `path`; values of 0 or less have no place on a log scale."""
     plt = pyplot()
-    lower_bounds = lower_bounds or {}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in results:
-        row = {t: value for t, value in results[name].items() if value > 0}
-        bounds = lower_bounds.get(name, {})
-        if not row and not bounds:
-            continue
-        lengths = sorted(row)
-        (line,) = ax.plot(
-            lengths, [row[t] for t in lengths], marker="o", label=name, color=COLOURS.get(name)
-        )
-        spans = {t: span for t, span in (ranges or {}).get(name, {}).items() if span[0] > 0}
-        if spans:
-            points = sorted(spans)
-            low, high = ([spans[t][i] for t in points] for i in (0, 1))
-            ax.vlines(points, low, high, color=line.get_color(), linewidth=4, alpha=0.4)
-        if bounds:
-            label = f"{name}: more than (stopped)"
-            points = sorted(bounds)
-            y = [bounds[t] for t in points]
-            ax.plot(points, y, "^", color=line.get_color(), linestyle="none", label=label)
+    colours = {name: f"C{i}" for i, name in enumerate(CONTENDERS)}
+    for name, row in results.items():
+        lengths = sorted(t for t, value in row.items() if value > 0)
+        if lengths:
+            ax.plot(lengths, [row[t] for t in lengths], "o-", label=name, color=colours.get(name))
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length T")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set(yscale="log", xlabel="sequence length T", ylabel=ylabel, title=title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
@@ -436,29 +345,38 @@ def plot_against_length(results, path, ylabel, title, lower_bounds=None, ranges=
 # Serving one token per call
 
 
-def transformer_model(width, heads, depth):
-    """`depth` post-norm blocks of causal self-attention and a ReLU feed-forward network of
-    `4 * width`, the AarenBlock's layout, over `(B, T, width)`: the KV-cache Transformer's
-    whole-sequence form, which its step (`transformer_step_model`) must reproduce."""
+def sequence_model(kind, width, heads, depth):
+    """`depth` layers of `kind` over `(B, T, width)`: `"aaren"`, `AarenBlock`s; `"lstm"`,
+    `keras.layers.LSTM`s; `"transformer_kv"`, post-norm blocks of causal self-attention and a
+    ReLU feed-forward network of `4 * width` (the AarenBlock's layout), which
+    `transformer_step_model` serves with a KV cache."""
     inputs = keras.Input((None, width))
     x = inputs
     for i in range(depth):
-        attention = keras.layers.MultiHeadAttention(heads, width // heads, name=f"attention_{i}")
-        x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"attention_norm_{i}")(
-            x + attention(x, x, use_causal_mask=True)
-        )
-        hidden = keras.layers.Dense(4 * width, activation="relu", name=f"ffn_in_{i}")(x)
-        x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"ffn_norm_{i}")(
-            x + keras.layers.Dense(width, name=f"ffn_out_{i}")(hidden)
-        )
+        if kind == "aaren":
+            x = AarenBlock(heads, width // heads)(x)
+        elif kind == "lstm":
+            x = keras.layers.LSTM(width, return_sequences=True)(x)
+        elif kind == "transformer_kv":
+            attention = keras.layers.MultiHeadAttention(
+                heads, width // heads, name=f"attention_{i}"
+            )
+            x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"attention_norm_{i}")(
+                x + attention(x, x, use_causal_mask=True)
+            )
+            hidden = keras.layers.Dense(4 * width, activation="relu", name=f"ffn_in_{i}")(x)
+            x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"ffn_norm_{i}")(
+                x + keras.layers.Dense(width, name=f"ffn_out_{i}")(hidden)
+            )
+        else:
+            raise ValueError(f"kind must be 'aaren', 'lstm' or 'transformer_kv'. Received: {kind}")
     return keras.Model(inputs, x)
 
 
 class CachedAttention(keras.layers.Layer):
-    """One token's attention over the cached keys and values and its own, with the weights of
-    a trained `MultiHeadAttention`: `(x, keys, values) -> (attended, key, value)`, `x` of shape
-    `(B, width)`, the caches `(B, L, heads, dim)`, the token's key and value `(B, 1, heads, dim)`.
-    """
+    """One token's attention over the cached keys and values and its own, with a trained
+    `MultiHeadAttention`'s weights: `(x (B, width), keys, values (B, L, heads, dim))` ->
+    `(attended, key, value)`, the token's key and value `(B, 1, heads, dim)`."""
 
     def __init__(self, attention, **kwargs):
         super().__init__(**kwargs)
@@ -468,11 +386,10 @@ class CachedAttention(keras.layers.Layer):
         # The attention's variables by their last two path parts: "query/kernel", ...
         weights = {"/".join(v.path.split("/")[-2:]): v for v in self.attention.weights}
 
-        def project(name, t):  # (B, width) -> (B, heads, dim)
-            kernel, bias = weights[f"{name}/kernel"], weights[f"{name}/bias"]
-            return ops.einsum("bw,whd->bhd", t, kernel) + bias
+        def project(name):  # (B, width) -> (B, heads, dim)
+            return ops.einsum("bw,whd->bhd", x, weights[f"{name}/kernel"]) + weights[f"{name}/bias"]
 
-        query, key, value = (project(n, x) for n in ("query", "key", "value"))
+        query, key, value = project("query"), project("key"), project("value")
         query = query / float(np.sqrt(query.shape[-1]))
         # The token's own score is joined to the cached ones, not its key to the cache: the
         # scores are `dim` times smaller than the keys, so no step copies the cache.
@@ -486,13 +403,11 @@ class CachedAttention(keras.layers.Layer):
 
 
 def transformer_step_model(model, cache_length, batch_size=1):
-    """The KV-cache step of `transformer_model`, the caches of `cache_length` entries (`None`:
-    any), with named inputs `x, keys_i, values_i` and outputs `y, new_keys_i, new_values_i`:
-    the token's own keys and values, which the caller appends to the caches."""
+    """The KV-cache step of a `"transformer_kv"` model, caches of `cache_length` entries (`None`:
+    any), with inputs `x, keys_i, values_i` and outputs `y, new_keys_i, new_values_i`: the
+    token's own keys and values, which the caller appends to the caches."""
     width = model.inputs[0].shape[-1]
-    attentions = [
-        layer for layer in model.layers if isinstance(layer, keras.layers.MultiHeadAttention)
-    ]
+    attentions = [lay for lay in model.layers if isinstance(lay, keras.layers.MultiHeadAttention)]
     heads, dim = attentions[0].num_heads, attentions[0].key_dim
     x = keras.Input(batch_shape=(batch_size, width), name="x")
     inputs, outputs, h = [x], {}, x
@@ -512,28 +427,21 @@ def transformer_step_model(model, cache_length, batch_size=1):
 
 
 def kv_cache_step_function(model):
-    """`step(x, caches) -> (y, caches)` serving `transformer_model` one token per call, batch 1,
-    each call returning the caches grown by the token's keys and values.
+    """`step(x, caches) -> (y, caches grown by the token's keys and values)` serving a
+    `"transformer_kv"` model, batch 1; `step.initial_states()` gives empty caches. A `tf.function`
+    traced once for any cache length (without XLA, which would compile again at every token)."""
+    import tensorflow as tf
 
-    The caches are `{"keys_i": (1, L, heads, dim), "values_i": ...}`, named as the inputs of
-    `transformer_step_model`; `step.initial_states()` gives empty ones. On TensorFlow the step
-    is a `tf.function` traced once for any cache length (without XLA: a program compiled per
-    shape would compile again at every token); elsewhere it calls the step model directly.
-    """
     step_model = transformer_step_model(model, None)
     token, *caches = step_model.inputs
     names = [t.name for t in caches]
 
-    def run(x, *caches):
+    def grow(x, *caches):
         out = step_model({"x": x, **dict(zip(names, caches))})
-        grown = [ops.concatenate([c, out[f"new_{n}"]], axis=1) for n, c in zip(names, caches)]
-        return out["y"], grown
+        return out["y"], [ops.concatenate([c, out[f"new_{n}"]], 1) for n, c in zip(names, caches)]
 
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        signature = [tf.TensorSpec(t.shape, t.dtype) for t in (token, *caches)]
-        run = tf.function(run, input_signature=signature).get_concrete_function()
+    signature = [tf.TensorSpec(t.shape, t.dtype) for t in step_model.inputs]
+    run = tf.function(grow, input_signature=signature).get_concrete_function()
 
     def step(x, caches):
         y, grown = run(ops.convert_to_tensor(x), *(caches[n] for n in names))
@@ -543,24 +451,6 @@ def kv_cache_step_function(model):
         n: ops.zeros((1, 0, *t.shape[2:])) for n, t in zip(names, caches)
     }
     return step
-
-
-def sequence_model(kind, width, heads, depth):
-    """`depth` layers of `kind` over `(B, T, width)`: `"aaren"`, `AarenBlock`s; `"lstm"`,
-    `keras.layers.LSTM`s; `"transformer_kv"`, the blocks of `transformer_model`."""
-    if kind == "transformer_kv":
-        return transformer_model(width, heads, depth)
-    if kind not in ("aaren", "lstm"):
-        raise ValueError(
-            f"kind must be 'aaren', 'lstm' or 'transformer_kv'. Received: kind={kind!r}"
-        )
-    layers = [keras.Input((None, width))]
-    for _ in range(depth):
-        if kind == "aaren":
-            layers.append(AarenBlock(heads, width // heads))
-        else:
-            layers.append(keras.layers.LSTM(width, return_sequences=True))
-    return keras.Sequential(layers)
 
 
 def to_host(y):
@@ -576,89 +466,34 @@ def state_bytes(states):
     )
 
 
-@dataclasses.dataclass
-class Stream:
-    """What serving a stream one token per call recorded (`serve`).
-
-    Attributes:
-        outputs: `(T, B, width)`, the output of every token.
-        latencies: `(T,)` seconds of every call, its output fetched.
-        kept: `{t: states}`, the states before the tokens at the positions asked for.
-        states: the states after the last token.
-        resident: `(T,)` the process's resident bytes after each token, or None.
-        state_bytes: `(T,)` the state's bytes after each token, or None.
-    """
-
-    outputs: np.ndarray
-    latencies: np.ndarray
-    kept: dict
-    states: object
-    resident: np.ndarray | None = None
-    state_bytes: np.ndarray | None = None
-
-
 def serve(step, states, xs, keep_at=(), record_memory=False):
-    """Serve the tokens `xs`, `(T, B, width)`, one per call from `states`, each call's output
-    fetched before the next token is sent.
-
-    Args:
-        step: `(x, states) -> (y, states)`, `x` of shape `(B, width)`: a step of
-            `keras_aaren.streaming.make_step_function`, `kv_cache_step_function` or an
-            exported runtime's.
-        states: the states the stream starts from.
-        xs: the tokens.
-        keep_at: the positions (0-based) before which the states are kept.
-        record_memory: whether to read the resident memory and the state's size after every
-            token (outside the timed call).
-
-    Returns:
-        A `Stream`.
-    """
-    count = len(xs)
-    latencies, kept, outputs = np.empty(count), {}, None
-    resident = np.empty(count) if record_memory else None
-    sizes = np.empty(count, "int64") if record_memory else None
+    """Serve `xs`, `(T, B, width)`, one token per timed call of `step(x, states) -> (y, states)`,
+    each output fetched before the next token. Returns `outputs` `(T, B, width)`, `latencies`,
+    `kept` (`{t: the states before position t}` for `t` in `keep_at`), the last `states` and,
+    with `record_memory`, the process's `resident` bytes and `state_bytes` after every token."""
+    run = types.SimpleNamespace(outputs=[], latencies=[], kept={}, resident=[], state_bytes=[])
     for t, x in enumerate(xs):
         if t in keep_at:
-            kept[t] = states
+            run.kept[t] = states
         start = time.perf_counter()
         y, states = step(x, states)
         y = to_host(y)
-        latencies[t] = time.perf_counter() - start
-        if outputs is None:
-            outputs = np.empty((count, *y.shape), y.dtype)
+        run.latencies.append(time.perf_counter() - start)
         # A copy: a runtime may hand back its own output buffer, rewritten at the next call.
-        outputs[t] = y
+        run.outputs.append(np.array(y))
         if record_memory:
-            resident[t] = status_bytes("VmRSS")
-            sizes[t] = state_bytes(states)
-    return Stream(outputs, latencies, kept, states, resident, sizes)
+            run.resident.append(status_bytes("VmRSS"))
+            run.state_bytes.append(state_bytes(states))
+    run.outputs, run.states = np.stack(run.outputs), states
+    return run
 
 
-def step_latencies(served, width, rounds, calls, seed=1):
-    """Seconds of every call of each served step, timed in turns: `{key: [seconds]}`.
-
-    Each of `rounds` rounds gives every key `calls` calls in a row, starting one key further
-    along than the last round (`in_turns`), and every call steps from the same kept states, so
-    that timing leaves each stream where it was and a late position is timed as late as it was
-    served.
-
-    Args:
-        served: `{key: (step, states)}`, `step` as for `serve`; the batch of a key's tokens is
-            its states' first dimension.
-        width: the tokens' width.
-        rounds: rounds of the timing.
-        calls: calls per key and round.
-        seed: seed of the random tokens.
-    """
-    batch = {key: keras.tree.flatten(states)[0].shape[0] for key, (_, states) in served.items()}
-    xs = np.random.default_rng(seed).normal(size=(calls, max(batch.values(), default=1), width))
-    xs = xs.astype("float32")
-    samples = {key: [] for key in served}
-    for key in in_turns(served, rounds):
-        step, states = served[key]
-        for x in xs[:, : batch[key]]:
-            start = time.perf_counter()
-            to_host(step(x, states)[0])
-            samples[key].append(time.perf_counter() - start)
-    return samples
+def step_latencies(served, width, rounds, per_turn):
+    """`{key: [seconds]}` of each served `{key: (step, states)}`, timed in turns, every call
+    stepping a random token from the same kept states: a late position is timed as served."""
+    rng = np.random.default_rng(1)
+    calls = {}
+    for key, (step, states) in served.items():
+        x = rng.normal(size=(keras.tree.flatten(states)[0].shape[0], width)).astype("float32")
+        calls[key] = lambda step=step, x=x, states=states: to_host(step(x, states)[0])
+    return time_in_turns(calls, rounds, per_turn)

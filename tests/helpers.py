@@ -1,4 +1,5 @@
-"""Small test helpers: backend-neutral gradients, numpy conversion, and RNG data."""
+"""Small test helpers: backend-neutral gradients, numpy conversion, RNG data, and a JAX process
+with several virtual CPU devices."""
 
 import functools
 
@@ -131,3 +132,25 @@ def skip_torch_jit_compile(jit_compile):
     """
     if jit_compile and keras.backend.backend() == "torch":
         pytest.skip("jit_compile on PyTorch is Keras' experimental torch.compile path")
+
+
+def run_on_cpu_devices(script, devices, *args):
+    """The JSON that `script` prints last, run with `args` in a JAX process of `devices` virtual
+    CPU devices: a subprocess, because the devices must be set up before JAX starts."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    environment = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": flags.strip(),
+    }
+    result = subprocess.run(
+        [sys.executable, script, *map(str, args)], capture_output=True, text=True, env=environment
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

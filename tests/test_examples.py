@@ -85,6 +85,21 @@ def test_uea_classification_pads_variable_lengths():
     assert sorted(set(y)) == list(range(len(classes))) == list(range(9))
 
 
+def test_packed_classification_quick(tmp_path):
+    pytest.importorskip("aeon")
+    example = load_example("packed_classification")
+    result = example.main(["--quick", "--output-dir", str(tmp_path)])
+    # Given the padded model's weights, the packed model predicts every test series alike.
+    assert result["max_diff"] < 1e-4
+    padded, packed = result["results"]
+    assert (padded["mode"], packed["mode"]) == ("padded", "packed")
+    # The same series, so the same real tokens, which packed rows hold in fewer computed ones.
+    assert padded["real_tokens"] == packed["real_tokens"] < packed["tokens"] < padded["tokens"]
+    assert all(0 <= run["accuracy"] <= 1 for row in result["results"] for run in row["runs"])
+    assert os.path.getsize(result["plot"]) > 0
+    assert "| packed |" in open(result["table"]).read()
+
+
 def test_forecasting_quick(tmp_path):
     pytest.importorskip("statsmodels")
     example = load_example("forecasting")
