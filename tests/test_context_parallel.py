@@ -8,15 +8,12 @@ another on one device, against the naive oracle.
 """
 
 import functools
-import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
-from helpers import to_numpy
+from helpers import run_on_cpu_devices, to_numpy
 
 from keras_aaren.ops import aaren_attention_naive, aaren_scan
 from keras_aaren.ops.context_parallel import scan_shard, shard_message
@@ -32,18 +29,7 @@ jax_only = pytest.mark.skipif(
 @functools.cache
 def checks(devices):
     """The JSON that `context_parallel_checks.py` prints on `devices` virtual CPU devices."""
-    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-    environment = {
-        **os.environ,
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "KERAS_BACKEND": "jax",
-        "XLA_FLAGS": flags.strip(),
-    }
-    result = subprocess.run(
-        [sys.executable, SCRIPT, str(devices)], capture_output=True, text=True, env=environment
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_on_cpu_devices(SCRIPT, devices, devices)
 
 
 @jax_only
