@@ -53,6 +53,13 @@ class SequenceSharding:
         device_mesh: a `keras.distribution.DeviceMesh`.
         sequence_axis: str, the mesh axis whose devices split the time axis.
         batch_axis: optional str, the mesh axis whose devices split the batch axis.
+
+    Examples:
+        >>> import keras
+        >>> devices = [f"cpu:{i}" for i in range(4)]
+        >>> mesh = keras.distribution.DeviceMesh((4,), ["sequence"], devices)
+        >>> SequenceSharding(mesh, "sequence").num_shards
+        4
     """
 
     device_mesh: keras.distribution.DeviceMesh
