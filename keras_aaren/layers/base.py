@@ -454,7 +454,7 @@ class ParallelRNN(keras.layers.RNN):
         bound. Here the sequence is padded up to its bucket (`ops.backend.padded_length`) with
         masked tokens (in front when the layer runs backwards, so that they come last), and the
         layer's math runs as one compiled program, of which a bounded number is kept
-        (`keras_aaren.ops.set_eager_program_limit`). The weights enter as arguments, so the
+        (`keras_aaren.ops.set_program_limit`). The weights enter as arguments, so the
         program follows them as they change.
         """
         steps = sequences.shape[1]

@@ -9,9 +9,9 @@ validates and dispatches.
 """
 
 from keras_aaren.ops.backend import (
-    eager_program_count,
     full_precision_matmuls,
-    set_eager_program_limit,
+    program_count,
+    set_program_limit,
 )
 from keras_aaren.ops.context_parallel import SequenceSharding
 from keras_aaren.ops.naive import aaren_attention_naive
@@ -25,9 +25,9 @@ __all__ = [
     "aaren_combine",
     "aaren_scan",
     "aaren_step",
-    "eager_program_count",
+    "program_count",
     "full_precision_matmuls",
     "identity_state",
     "readout",
-    "set_eager_program_limit",
+    "set_program_limit",
 ]

@@ -1,5 +1,5 @@
 """Backend plumbing of the ops, in one place: matmul precision, custom gradients, and the
-programs compiled for eager calls on JAX.
+programs the package compiles on its own behalf.
 
 The algorithms in this package are written once on `keras.ops`. What differs between
 TensorFlow, JAX and PyTorch is how a hand-written gradient is attached, how float32 matrix
@@ -8,10 +8,11 @@ conventions live here and nowhere else.
 
 The ops are plain `keras.ops`, traced and compiled by their caller (Keras' `fit`, `predict` and
 `evaluate`, a user's `jax.jit` or `tf.function`) for whatever lengths the caller allows, static
-or unknown, and run op by op when called eagerly, except one case: an eager call on JAX runs
-the scan as one program per length bucket, of which a bounded number is kept
-(`set_eager_program_limit`). A program compiled per sequence length and kept without bound would
-grow a process that sees many lengths.
+or unknown, and run op by op when called eagerly, except in two cases, each with a bounded
+number of programs (`set_program_limit`): an eager call on JAX runs as one program per length
+bucket, and a scan inside a TensorFlow graph of known shapes as one XLA program. A program
+compiled per sequence length and kept without bound would grow a process that sees many
+lengths.
 """
 
 import collections
@@ -178,18 +179,101 @@ class ProgramCache:
 EAGER_PROGRAMS = ProgramCache()
 
 
-def set_eager_program_limit(limit):
-    """Set how many programs the scan and the layers keep compiled for eager calls on JAX.
+# Graphs on TensorFlow. Keras does not compile with XLA on a CPU by default, and run as plain
+# graph ops the scan's hundred-odd small ops cost more than the projections around it. Inside a
+# caller's graph whose shapes are all known, the scan instead runs as one XLA program: one per
+# distinct signature, each traced once, where the caller's trace sees it. A caller's graph
+# keeps a program it has traced for as long as that graph lives, so these are counted, not
+# evicted: beyond the limit, new signatures run as plain ops. A length unknown when the caller
+# traces (Keras' `predict` relaxes its shapes after a few lengths) always runs as plain ops:
+# XLA would compile again for every length at run time.
 
-    Called eagerly on JAX (outside any `jax.jit` or Keras' compiled `fit` and `predict`),
-    `aaren_scan` and the layers run as one compiled program per shape, with the length padded
-    up to a power of two (at least the chunk size) and the padding masked, so that sequences of
-    any length share a few programs. The least recently used program beyond `limit` is dropped,
-    and a layer's programs go when the layer does. Other backends compile nothing eagerly;
-    there this setting has no effect.
+
+class GraphPrograms:
+    """The scan's XLA programs inside TensorFlow graphs: at most `limit`, first come first kept.
+
+    Safe to use from several threads.
+    """
+
+    def __init__(self, limit=8):
+        self._limit = limit
+        self._programs = {}
+        self._lock = threading.Lock()
+
+    def get(self, key, make):
+        """The program of `key`, made by `make()` on first use; None once `limit` programs
+        exist and `key` is not among them."""
+        with self._lock:
+            program = self._programs.get(key)
+            if program is None and len(self._programs) < self._limit:
+                program = self._programs[key] = make()
+            return program
+
+    def set_limit(self, limit):
+        with self._lock:
+            self._limit = limit
+
+    def __len__(self):
+        return len(self._programs)
+
+
+#: The scan's XLA programs inside TensorFlow graphs of known shapes.
+GRAPH_PROGRAMS = GraphPrograms()
+
+
+def in_static_graph(*tensors):
+    """Whether a TensorFlow call is traced into a graph and knows every shape of `tensors`."""
+    if backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return False
+    leaves = [x for x in _leaves(tensors) if x is not None]
+    return all(None not in tuple(x.shape) for x in leaves)
+
+
+def _leaves(tensors):
+    for x in tensors:
+        if isinstance(x, (list, tuple)):
+            yield from _leaves(x)
+        else:
+            yield x
+
+
+def compile_program(fn):
+    """`fn` as one compiled program: `jax.jit` on JAX, `tf.function(jit_compile=True)` on
+    TensorFlow."""
+    if backend.backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def set_program_limit(limit):
+    """Set how many programs the package compiles on its own behalf, on each backend.
+
+    * JAX, eager calls (outside any `jax.jit` or Keras' compiled `fit` and `predict`):
+      `aaren_scan` and the layers run as one compiled program per shape, with the length padded
+      up to a power of two (at least the chunk size) and the padding masked, so that sequences
+      of any length share a few programs. The least recently used program beyond `limit` is
+      dropped, and a layer's programs go when the layer does.
+    * TensorFlow, inside a caller's graph whose shapes are all known (Keras' `fit`, `predict`
+      and `evaluate` on fixed shapes, a user's `tf.function`): `aaren_scan` runs as one XLA
+      program per signature. A caller's graph keeps the programs it was traced with, so the
+      first `limit` signatures are kept and later ones run as plain TensorFlow ops; lowering the
+      limit affects only signatures not yet compiled.
+    * PyTorch compiles nothing on the package's behalf.
+
+    Inside a caller's `jax.jit`, or a TensorFlow graph of unknown shapes, the scan is plain
+    `keras.ops` in the caller's program. (Inside a TensorFlow graph that XLA compiles as a
+    whole, `jit_compile=True`, the scan's program is compiled into the caller's.)
 
     Args:
-        limit: int >= 1, the number of programs kept (8 by default).
+        limit: int >= 1, the number of programs of each kind (8 by default).
 
     Returns:
         None.
@@ -198,26 +282,28 @@ def set_eager_program_limit(limit):
         ValueError: if `limit` is not a positive integer.
 
     Examples:
-        >>> set_eager_program_limit(4)
-        >>> eager_program_count() <= 4
+        >>> set_program_limit(4)
+        >>> program_count() <= 8
         True
-        >>> set_eager_program_limit(8)
+        >>> set_program_limit(8)
     """
     check_positive_int("limit", limit)
     EAGER_PROGRAMS.set_limit(limit)
+    GRAPH_PROGRAMS.set_limit(limit)
 
 
-def eager_program_count():
-    """How many programs the scan and the layers hold compiled for eager calls (0 except on JAX).
+def program_count():
+    """How many programs the package holds compiled on its own behalf (see `set_program_limit`):
+    eager programs on JAX, the scan's XLA programs inside graphs on TensorFlow, 0 on PyTorch.
 
     Returns:
-        int, at most the limit of `set_eager_program_limit`.
+        int.
 
     Examples:
-        >>> eager_program_count() >= 0
+        >>> program_count() >= 0
         True
     """
-    return len(EAGER_PROGRAMS)
+    return len(EAGER_PROGRAMS) + len(GRAPH_PROGRAMS)
 
 
 def runs_eagerly_on_jax(*tensors):

@@ -110,8 +110,10 @@ def aaren_scan(
             closed form) or `"auto"` (the default, `"chunked"` on every backend). Every method is
             plain `keras.ops`: it compiles with its caller (`fit`, `predict`, `jax.jit`,
             `tf.function`), for a static or an unknown length, and runs op by op when called
-            eagerly, except on JAX, where an eager call runs as one compiled program per
-            length bucket, a bounded number of them kept (`set_eager_program_limit`).
+            eagerly, except where the package compiles a bounded number of programs on its
+            own (`set_program_limit`): an eager call on JAX runs as one compiled program per
+            length bucket, and a scan inside a TensorFlow graph of known shapes as one XLA
+            program.
         chunk_size: int >= 2, the chunk length of `"chunked"`.
         segment_ids: optional integer tensor `(batch_size, timesteps)`: the segment of each
             token, as flash-linear-attention's `cu_seqlens` per token. Only changes between
@@ -154,7 +156,21 @@ def aaren_scan(
     args = (scores, values, initial_state, mask, segment_ids)
     if plumbing.runs_eagerly_on_jax(*args):
         return _eager_scan(*args, method, chunk_size, sharding)
+    # One XLA program inside the caller's TensorFlow graph (see `set_program_limit`). Not the
+    # associative scan: TensorFlow's XLA bridge cannot convert keras.ops.associative_scan.
+    xla = method in ("auto", "chunked") and sharding is None
+    if xla and plumbing.in_static_graph(*args):
+        options = dict(method=method, chunk_size=chunk_size, sharding=None)
+        key = (method, chunk_size, plumbing.signature(*_flat(args)))
+        program = plumbing.GRAPH_PROGRAMS.get(key, lambda: _compile(options))
+        if program is not None:
+            return program(*args)
     return placed_scan(*args, method, chunk_size, sharding)
+
+
+def _flat(args):
+    scores, values, initial_state, mask, segment_ids = args
+    return (scores, values, mask, segment_ids, *(initial_state or (None,)))
 
 
 def placed_scan(scores, values, initial_state, mask, segment_ids, method, chunk_size, sharding):
@@ -177,18 +193,15 @@ def _eager_scan(scores, values, initial_state, mask, segment_ids, method, chunk_
     )
     args = (scores, values, initial_state, mask, segment_ids)
     options = dict(method=method, chunk_size=chunk_size, sharding=sharding)
-    shapes = plumbing.signature(scores, values, mask, segment_ids, *(initial_state or (None,)))
     # No owner: the program is a function of its key alone.
-    key = (None, method, chunk_size, sharding, shapes)
+    key = (None, method, chunk_size, sharding, plumbing.signature(*_flat(args)))
     program = plumbing.EAGER_PROGRAMS.get(key, lambda: _compile(options))
     outputs, final = program(*args)
     return outputs[:, :steps], final
 
 
 def _compile(options):
-    import jax
-
-    return jax.jit(functools.partial(placed_scan, **options))
+    return plumbing.compile_program(functools.partial(placed_scan, **options))
 
 
 def local_scan(scores, values, initial_state, mask, segment_ids, method, chunk_size):

@@ -396,6 +396,52 @@ def test_unknown_length_traces_once_for_every_length(method):
     assert scan.experimental_get_tracing_count() == 1
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="XLA inside a caller's graph is TensorFlow's"
+)
+def test_graphs_of_known_shapes_compile_at_most_the_limit_of_programs():
+    # Each new signature traced into a caller's graph of known shapes compiles one XLA program
+    # of the scan, up to the limit; beyond it the scan runs as plain ops. Both are exact, and
+    # a graph of unknown length compiles nothing.
+    import tensorflow as tf
+
+    from keras_aaren.ops import program_count, set_program_limit
+
+    def loss(scores, values, mask):
+        return ops.sum(naive_attention(scores, values, None, mask)[0] * values)
+
+    @tf.function
+    def scan(scores, values, mask):
+        with tf.GradientTape() as tape:
+            tape.watch(scores)
+            outputs, _ = aaren_scan(scores, values, None, mask)
+            total = tf.reduce_sum(outputs * values)
+        return outputs, tape.gradient(total, scores)
+
+    before = program_count()
+    set_program_limit(before + 2)
+    try:
+        rng = np.random.default_rng(8)
+        for steps in (5, 11, 29, 70, 131):
+            scores, values = f32(
+                make_scores("mixed", 2, steps, 2, rng), rng.normal(size=(2, steps, 2, 3))
+            )
+            mask = make_mask("holes", 2, steps, rng)
+            outputs, grad = scan(scores, values, mask)
+            assert_close(outputs, naive_attention(scores, values, None, mask)[0], what=f"T={steps}")
+            (want,) = gradients(loss, [scores], (values, mask))
+            assert_close(grad, want, atol=1e-4, rtol=1e-4, what=f"T={steps} d/dscores")
+            assert program_count() == before + min(2, 1 + [5, 11, 29, 70, 131].index(steps))
+        unknown = tf.function(
+            lambda s, v: aaren_scan(s, v)[0],
+            input_signature=[tf.TensorSpec((2, None, 2)), tf.TensorSpec((2, None, 2, 3))],
+        )
+        unknown(scores, values)
+        assert program_count() == before + 2
+    finally:
+        set_program_limit(8)
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_empty_sequence_names_the_time_axis(method):
     match = "at least one timestep.*timesteps.*scores.shape=\\(2, 0, 3\\)"
@@ -405,9 +451,9 @@ def test_empty_sequence_names_the_time_axis(method):
 
 @pytest.mark.parametrize("limit", [0, -1, 2.5, True], ids=["zero", "negative", "float", "bool"])
 def test_eager_program_limit_must_be_a_positive_integer(limit):
-    from keras_aaren.ops import set_eager_program_limit
+    from keras_aaren.ops import set_program_limit
 
     with pytest.raises(
         ValueError, match=f"`limit` must be a positive integer. Received: limit={limit!r}"
     ):
-        set_eager_program_limit(limit)
+        set_program_limit(limit)
