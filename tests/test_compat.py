@@ -177,3 +177,13 @@ def test_jax_traced_values_are_jax_core_tracers():
         "keras_aaren.ops.backend.runs_eagerly_on_jax must follow."
     )
     assert not isinstance(jax.numpy.ones(2), jax.core.Tracer)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's type promotion")
+def test_keras_where_takes_a_python_float_through_float32_on_torch():
+    x = keras.ops.convert_to_tensor(np.array([1.0, -1.0]))
+    result = to_numpy(keras.ops.where(x > 0, x, float(np.finfo("float64").min)))
+    assert np.isinf(result[1]), (
+        "keras.ops.where keeps a Python float64 as float64 on PyTorch now; "
+        "keras_aaren.ops.recurrence.lowest may return float64's minimum again."
+    )

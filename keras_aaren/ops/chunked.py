@@ -13,13 +13,14 @@ L length of the axis a helper reduces over.
 from keras import ops
 
 from keras_aaren.ops.backend import full_precision_matmuls, matmul, with_gradient
-from keras_aaren.ops.recurrence import aaren_combine, identity_state, lowest, readout, token_leaves
-from keras_aaren.ops.segments import (
-    after_first_start,
-    combine_unless,
-    in_last_segment,
-    segment_index,
+from keras_aaren.ops.recurrence import (
+    combine_scales,
+    empty_as_identity,
+    identity_state,
+    lowest,
+    token_leaves,
 )
+from keras_aaren.ops.segments import after_first_start, in_last_segment, segment_index
 
 # The intra-chunk work grows as T·C, while below 8 the prefix over chunk summaries dominates;
 # docs/benchmarks.md gives the figures for each size (`python -m benchmarks.scan`).
@@ -44,8 +45,9 @@ def scan_chunked(scores, values, state, mask, chunk_size=DEFAULT_CHUNK_SIZE, sta
     def forward(scores, values, m0, u0, w0, real, fresh):
         mask = None if real is None else real > 0
         resets = None if fresh is None else fresh > 0
-        total, outputs = chunked_forward(scores, values, (m0, u0, w0), mask, chunk_size, resets)
-        final = tuple(x[:, :, -1] for x in total)
+        total, outputs, final = chunked_forward(
+            scores, values, (m0, u0, w0), mask, chunk_size, resets
+        )
 
         def backward(cotangents):
             grads = chunked_backward(
@@ -80,14 +82,22 @@ def head_major(x):
     return ops.swapaxes(x, 1, 2)
 
 
-def dense_prefix(m, u, w, resets=None):
-    """Inclusive prefix states of leaves along the last token axis, as one masked (L × L) product.
+def chunk_weights(m, u, resets=None):
+    """Inside each chunk, every row's running max, sum and the weights of the leaves it sums.
 
     Row k keeps its own running max over leaves i <= k, so every exponent is <= 0 and the row's
     largest term is exactly 1: no overflow, and no prefix underflows to 0/0. With `resets`
     (True where a leaf starts afresh), row k takes the leaves from the last reset up to k.
-    m, u: (..., L); w: (..., L, D); resets: bool, broadcastable to m, or None. Returns the shapes
-    of m, u, w.
+    A leaf (m_i, u_i, w_i) adds u_i e^(m_i - M_k) to u and w_i e^(m_i - M_k) to w: w_i already
+    carries its own weights.
+
+    Args:
+        m, u: (..., L), the leaves along the chunk's last axis.
+        resets: bool, broadcastable to m, or None.
+
+    Returns:
+        `(m_prefix, u_prefix, scale)`: shapes (..., L), (..., L) and (..., L, L), row k and
+        column i; `scale @ w` is the rows' weighted sums.
     """
     neg = lowest(m.dtype)
     length = ops.shape(m)[-1]
@@ -99,96 +109,136 @@ def dense_prefix(m, u, w, resets=None):
         causal = ops.logical_and(causal, ops.equal(run[..., :, None], run[..., None, :]))
     logits = ops.where(causal, m[..., None, :], neg)  # (..., L, L)
     m_prefix = ops.stop_gradient(ops.max(logits, axis=-1))  # (..., L)
-    # A leaf (m_i, u_i, w_i) adds u_i e^(m_i - M_k) to u and w_i e^(m_i - M_k) to w: w_i already
-    # carries its own weights.
     scale = ops.where(causal, ops.exp(logits - m_prefix[..., None]), 0.0)  # (..., L, L)
     u_prefix = ops.sum(scale * u[..., None, :], axis=-1)
-    with full_precision_matmuls():
-        w_prefix = matmul(scale, w)
-    return m_prefix, u_prefix, w_prefix
+    return m_prefix, u_prefix, scale
 
 
-def blocked_prefix(m, u, w, chunk_size, levels=DYNAMIC_LEVELS, resets=None):
-    """Inclusive prefix states along the token axis in chunks: a dense product inside each chunk,
-    then a prefix over the chunk summaries (recursively), then one ⊕.
+def blocked_prefix(
+    m, u, w, chunk_size, levels=DYNAMIC_LEVELS, resets=None, start=None, normalize=False
+):
+    """Inclusive prefix states along the token axis in chunks: weighted sums inside each chunk,
+    a prefix over the chunk summaries (recursively), and one ⊕ of the two per token.
 
     A static length recurses until the summaries fit in one chunk; an unknown one recurses
-    `levels` times, then takes the remaining summaries' prefix as one dense product. With
-    `resets` (True where a leaf starts afresh), a chunk's summary also says whether a reset lies
-    in it, which stops the carry from the chunks before.
-    m, u: (B, H, T); w: (B, H, T, D); resets: (B, 1 or H, T) bool or None. Returns the shapes of
-    m, u, w.
+    `levels` times, then takes the remaining summaries' prefix in one chunk. With `resets` (True
+    where a leaf starts afresh), a chunk's summary also says whether a reset lies in it, which
+    stops the carry from the chunks before. `start`, the state before the first leaf, enters as
+    the first chunk's carry, so it costs no ⊕ of its own. With `normalize`, the weighted sums
+    come out divided by their masses, `w / u` (0 where nothing was seen), in the same pass as
+    the ⊕.
+
+    Args:
+        m, u: (B, H, T); w: (B, H, T, D), the leaves.
+        chunk_size: the chunk length C.
+        levels: the depth of chunking for an unknown length.
+        resets: (B, 1 or H, T) bool or None.
+        start: optional `(m, u, w)` of shapes (B, H), (B, H), (B, H, D).
+        normalize: return `w / u` instead of `w`.
+
+    Returns:
+        `(m, u, w, final)`: `(m, u, w)` of every prefix, with the shapes of the leaves (`w / u`
+        with `normalize`), and `final`, the state after the last leaf, `(m, u, w)` of shapes
+        (B, H), (B, H), (B, H, D).
     """
     length = m.shape[-1]
-    if (length is not None and length <= chunk_size) or (length is None and levels == 0):
-        return dense_prefix(m, u, w, resets)
     b, h, t = ops.shape(m)
     d = w.shape[-1]
-    pad = (-t) % chunk_size
-    if not isinstance(pad, int) or pad:
-        neg = lowest(m.dtype)
-        m = ops.pad(m, ((0, 0), (0, 0), (0, pad)), constant_values=neg)
-        u = ops.pad(u, ((0, 0), (0, 0), (0, pad)))
-        w = ops.pad(w, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        if resets is not None:
-            resets = ops.pad(resets, ((0, 0), (0, 0), (0, pad)), constant_values=False)
-    n = (t + pad) // chunk_size
-    if length is not None:
-        n = (length + (-length) % chunk_size) // chunk_size
-    if resets is not None:
-        resets = ops.reshape(resets, (b, ops.shape(resets)[1], n, chunk_size))
-    local = dense_prefix(
-        ops.reshape(m, (b, h, n, chunk_size)),
-        ops.reshape(u, (b, h, n, chunk_size)),
-        ops.reshape(w, (b, h, n, chunk_size, d)),
-        resets,
-    )  # (B, H, N, C), (B, H, N, C), (B, H, N, C, D)
-    # Each chunk starts from the state of all chunks before it: shift the chunk summaries right
-    # by one, with the identity in front, and take their inclusive prefix.
-    summary = tuple(x[:, :, :-1, -1] for x in local)
-    first = identity_state(b, h, d, m.dtype)
-    carry_leaves = tuple(
-        ops.concatenate([ops.expand_dims(f, 2), s], axis=2) for f, s in zip(first, summary)
-    )
-    carry_resets = None
-    if resets is not None:
-        # The summary of chunk j - 1 is carry leaf j; a reset inside it drops what came before.
-        inside = ops.any(resets, axis=-1)  # (B, 1 or H, N)
-        carry_resets = ops.concatenate([ops.zeros_like(inside[..., :1]), inside[..., :-1]], -1)
-    carry_m, carry_u, carry_w = blocked_prefix(*carry_leaves, chunk_size, levels - 1, carry_resets)
-    carry = (carry_m[..., None], carry_u[..., None], carry_w[..., None, :])
-    if resets is None:
-        total = aaren_combine(carry, local)
+    if start is not None:
+        # As a leaf, an empty start (u == 0, whatever its m and w) must weigh nothing.
+        m0, u0, w0 = start
+        start = (empty_as_identity(m0, u0), u0, ops.where((u0 > 0)[..., None], w0, 0.0))
+    single = (length is not None and length <= chunk_size) or (length is None and levels == 0)
+    if single:
+        # One chunk: the whole axis.
+        chunk, n, pad = t, 1, 0
     else:
+        chunk = chunk_size
+        pad = (-t) % chunk
+        n = (t + pad) // chunk
+        if length is not None:
+            n = (length + (-length) % chunk) // chunk
+        if not isinstance(pad, int) or pad:
+            m = ops.pad(m, ((0, 0), (0, 0), (0, pad)), constant_values=lowest(m.dtype))
+            u = ops.pad(u, ((0, 0), (0, 0), (0, pad)))
+            w = ops.pad(w, ((0, 0), (0, 0), (0, pad), (0, 0)))
+            if resets is not None:
+                resets = ops.pad(resets, ((0, 0), (0, 0), (0, pad)), constant_values=False)
+    m = ops.reshape(m, (b, h, n, chunk))
+    u = ops.reshape(u, (b, h, n, chunk))
+    w = ops.reshape(w, (b, h, n, chunk, d))
+    if resets is not None:
+        resets = ops.reshape(resets, (b, ops.shape(resets)[1], n, chunk))
+    m_local, u_local, scale = chunk_weights(m, u, resets)  # (B, H, N, C), ..., (B, H, N, C, C)
+    with full_precision_matmuls():
+        w_local = matmul(scale, w)  # (B, H, N, C, D)
+    if single:
+        carry = start
+    else:
+        # Each chunk starts from the state of all chunks before it: the chunk summaries shifted
+        # right by one, `start` (or the identity) in front, and their inclusive prefix.
+        summary = tuple(x[:, :, :-1, -1] for x in (m_local, u_local, w_local))
+        first = identity_state(b, h, d, m.dtype) if start is None else start
+        carry_leaves = tuple(
+            ops.concatenate([ops.expand_dims(f, 2), s], axis=2) for f, s in zip(first, summary)
+        )
+        carry_resets = None
+        if resets is not None:
+            # The summary of chunk j - 1 is carry leaf j; a reset inside it drops what came
+            # before.
+            inside = ops.any(resets, axis=-1)  # (B, 1 or H, N)
+            carry_resets = ops.concatenate([ops.zeros_like(inside[..., :1]), inside[..., :-1]], -1)
+        carry = blocked_prefix(*carry_leaves, chunk_size, levels - 1, carry_resets)[:3]
+    if carry is None:
+        m_total, u_total, w_total = m_local, u_local, w_local
+        final_w = w_local[:, :, -1, -1]
+    else:
+        m_carry, u_carry, w_carry = carry  # (B, H, N), (B, H, N), (B, H, N, D)
+        if single:  # `start` itself, (B, H) and (B, H, D): the carry of the one chunk
+            m_carry, u_carry, w_carry = m_carry[..., None], u_carry[..., None], w_carry[:, :, None]
         # A row after a reset in its own chunk takes nothing from the chunks before.
-        total = combine_unless(after_first_start(resets), carry, local)
-    m_tot, u_tot = (ops.reshape(x, (b, h, n * chunk_size))[:, :, :t] for x in total[:2])
-    w_tot = ops.reshape(total[2], (b, h, n * chunk_size, d))[:, :, :t]
-    return m_tot, u_tot, w_tot
+        restart = None if resets is None else after_first_start(resets)
+        m_total, scale_carry, scale_local = combine_scales(
+            m_carry[..., None], u_carry[..., None], m_local, u_local, restart
+        )
+        u_total = u_carry[..., None] * scale_carry + u_local * scale_local
+        # The state after the last leaf: the last row of the last chunk, whose padding, if any,
+        # adds nothing.
+        final_w = (
+            w_local[:, :, -1, -1] * scale_local[:, :, -1, -1:]
+            + w_carry[:, :, -1] * scale_carry[:, :, -1, -1:]
+        )
+        if normalize:
+            # The division folds into the scales of the ⊕, so the prefix states' `w` is never
+            # formed.
+            inverse = _inverse(u_total)
+            scale_carry, scale_local = scale_carry * inverse, scale_local * inverse
+        w_total = w_local * scale_local[..., None] + w_carry[..., None, :] * scale_carry[..., None]
+    if normalize and carry is None:
+        w_total = w_total * _inverse(u_total)[..., None]
+    final = (m_total[:, :, -1, -1], u_total[:, :, -1, -1], final_w)
+    m_total, u_total = (ops.reshape(x, (b, h, n * chunk))[:, :, :t] for x in (m_total, u_total))
+    w_total = ops.reshape(w_total, (b, h, n * chunk, d))[:, :, :t]
+    return m_total, u_total, w_total, final
 
 
-def seeded(start, prefix, resets):
-    """`start ⊕ prefix` for the rows of the first segment, `prefix` for the rows after a reset.
-
-    start: `(m, u, w)` of shapes (B, H), (B, H), (B, H, D); prefix: head-major prefix states;
-    resets: (B, 1, T) bool or None.
-    """
-    m0, u0, w0 = start
-    start = (m0[..., None], u0[..., None], w0[:, :, None])
-    if resets is None:
-        return aaren_combine(start, prefix)
-    return combine_unless(after_first_start(resets), start, prefix)
+def _inverse(u):
+    """1 / u, and 0 where u == 0 (nothing seen), with no NaN in the value or its gradient."""
+    seen = u > 0
+    return ops.where(seen, 1.0 / ops.where(seen, u, 1.0), 0.0)
 
 
 def chunked_forward(scores, values, start, mask, chunk_size, resets=None):
-    """Every prefix's state `total`, head-major (`(B, H, T)`, `(B, H, T)`, `(B, H, T, D)`), and
-    the outputs `(B, T, H, D)`. resets: (B, T) bool or None, True where a segment starts."""
+    """Every prefix's running max and mass, head-major (`(B, H, T)` each), the outputs
+    `(B, T, H, D)` and the final state. resets: (B, T) bool or None, True where a segment
+    starts."""
     leaves = token_leaves(scores, values, mask)
     if resets is not None:
         resets = resets[:, None, :]  # (B, 1, T): the same segments for every head
-    prefix = blocked_prefix(*(head_major(x) for x in leaves), chunk_size, resets=resets)
-    total = seeded(start, prefix, resets)
-    return total, head_major(readout(total))
+    m_total, u_total, outputs, final = blocked_prefix(
+        *(head_major(x) for x in leaves), chunk_size, resets=resets, start=start, normalize=True
+    )
+    return (m_total, u_total), head_major(outputs), final
 
 
 def chunked_backward(
@@ -215,7 +265,7 @@ def chunked_backward(
     holds the last segment's tokens only.
     """
     m0, u0, w0 = start
-    m_k, u_k, _ = total  # (B, H, T)
+    m_k, u_k = total  # (B, H, T)
     g_out, _, g_u, g_w = cotangents
     g_out = head_major(g_out)  # (B, H, T, D)
     scores = head_major(scores)  # (B, H, T)
@@ -241,7 +291,7 @@ def chunked_backward(
         in_last = in_last_segment(resets)[:, None, :]  # (B, 1, T)
         in_first = ops.logical_not(ops.any(resets, axis=1, keepdims=True))  # (B, 1): one segment
     suffix_m, _, suffix_w = (
-        ops.flip(x, axis=2) for x in blocked_prefix(*reverse, chunk_size, resets=reverse_resets)
+        ops.flip(x, axis=2) for x in blocked_prefix(*reverse, chunk_size, resets=reverse_resets)[:3]
     )  # (B, H, T), _, (B, H, T, D + 1)
     dim = values.shape[-1]
 

@@ -24,8 +24,14 @@ def scan_dtype(dtype):
 
 
 def lowest(dtype):
-    """The identity's running max: a finite "minus infinity", because -inf - (-inf) is NaN."""
-    return float(np.finfo(backend.standardize_dtype(dtype)).min)
+    """The identity's running max: a finite "minus infinity", because -inf - (-inf) is NaN.
+
+    The dtype's minimum, but no lower than float32's: Keras' PyTorch `where` converts a Python
+    float through float32, which would turn float64's minimum into -inf. Any score is far above
+    it, and `exp` of a difference with it is 0 in every dtype the scan runs in.
+    """
+    dtype = backend.standardize_dtype(dtype)
+    return float(max(np.finfo(dtype).min, np.finfo("float32").min))
 
 
 def identity_state(batch_size, num_heads, value_dim, dtype="float32"):
@@ -69,6 +75,29 @@ def empty_as_identity(m, u):
     return ops.where(u > 0, m, lowest(m.dtype))
 
 
+def combine_scales(m_a, u_a, m_b, u_b, restart=None):
+    """The running max of `A ⊕ B` and the factors that scale A's and B's sums to it.
+
+    `(m, scale_a, scale_b)`: the sums of `A ⊕ B` are `u_a * scale_a + u_b * scale_b` and
+    `w_a * scale_a + w_b * scale_b`. Empty states (`u == 0`) act as the identity. Where
+    `restart` holds (B starts afresh), `scale_a` is 0 and the max is B's; A's exponent is then
+    capped at 0 so that a larger max of A cannot overflow before it is zeroed. The cap is
+    subtracted as a constant: a `minimum` would halve the gradient at a tie (JAX splits it),
+    where A holds the max. The running max carries no gradient.
+    """
+    m_a = empty_as_identity(m_a, u_a)
+    m_b = empty_as_identity(m_b, u_b)
+    if restart is None:
+        m = ops.stop_gradient(larger(m_a, m_b))
+        scale_a = ops.exp(m_a - m)
+    else:
+        m = ops.stop_gradient(ops.where(restart, m_b, larger(m_a, m_b)))
+        exponent = m_a - m
+        keep = ops.cast(ops.logical_not(restart), m.dtype)
+        scale_a = ops.exp(exponent - ops.stop_gradient(larger(exponent, 0.0))) * keep
+    return m, scale_a, ops.exp(m_b - m)
+
+
 def aaren_combine(state_a, state_b):
     """The associative operator ⊕ of the paper: the state of prefix A followed by segment B.
 
@@ -97,11 +126,7 @@ def aaren_combine(state_a, state_b):
     # NumPy inputs become tensors first: PyTorch cannot multiply an ndarray by a tensor.
     m_a, u_a, w_a = (ops.convert_to_tensor(x) for x in state_a)
     m_b, u_b, w_b = (ops.convert_to_tensor(x) for x in state_b)
-    m_a = empty_as_identity(m_a, u_a)
-    m_b = empty_as_identity(m_b, u_b)
-    m = ops.stop_gradient(larger(m_a, m_b))
-    scale_a = ops.exp(m_a - m)
-    scale_b = ops.exp(m_b - m)
+    m, scale_a, scale_b = combine_scales(m_a, u_a, m_b, u_b)
     u = u_a * scale_a + u_b * scale_b
     w = w_a * scale_a[..., None] + w_b * scale_b[..., None]
     return m, u, w

@@ -14,7 +14,7 @@ Shape letters: B batch, T timesteps, H heads, D value dimension.
 
 from keras import ops
 
-from keras_aaren.ops.recurrence import empty_as_identity, larger
+from keras_aaren.ops.recurrence import combine_scales, larger
 
 
 def segment_starts(segment_ids):
@@ -82,9 +82,8 @@ def final_state(final, start, restarted=None):
 def combine_unless(restart, state_a, state_b):
     """`state_a ⊕ state_b`, or `state_b` alone where `restart` (a segment starts within B).
 
-    The same work as ⊕: `restart` zeroes A's weight, so no tensor of B's full size
-    (`(..., H, D)`) is selected afterwards. Where it restarts, the running max is B's, and A's
-    exponent is capped at 0 so that a larger max of A cannot overflow before it is zeroed.
+    The same work as ⊕: `restart` zeroes A's weight (`combine_scales`), so no tensor of B's
+    full size (`(..., H, D)`) is selected afterwards.
 
     Args:
         restart: bool, broadcastable to the shape of m.
@@ -96,15 +95,7 @@ def combine_unless(restart, state_a, state_b):
     """
     m_a, u_a, w_a = state_a
     m_b, u_b, w_b = state_b
-    m_a = empty_as_identity(m_a, u_a)
-    m_b = empty_as_identity(m_b, u_b)
-    m = ops.stop_gradient(ops.where(restart, m_b, larger(m_a, m_b)))
-    keep = ops.cast(ops.logical_not(restart), m.dtype)
-    # The cap is subtracted as a constant: a `minimum` would halve the gradient at a tie (JAX
-    # splits it), where A holds the max.
-    exponent = m_a - m
-    scale_a = ops.exp(exponent - ops.stop_gradient(larger(exponent, 0.0))) * keep
-    scale_b = ops.exp(m_b - m)
+    m, scale_a, scale_b = combine_scales(m_a, u_a, m_b, u_b, restart)
     u = u_a * scale_a + u_b * scale_b
     w = w_a * scale_a[..., None] + w_b * scale_b[..., None]
     return m, u, w
