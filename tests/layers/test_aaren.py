@@ -67,16 +67,13 @@ def test_parallel_matches_stepping(
 @pytest.mark.parametrize("kind", ["aaren", "block"])
 def test_stepping_in_either_spread_matches_parallel(kind, spread):
     # The cells' one-token step in the form the exports choose (`token_spread`) is the parallel
-    # layer's, state included, from the zero state of a new stream and on scores of hundreds of
-    # either sign, which a running max of 0 would underflow.
+    # layer's, state included, from the zero state of a new stream (tests/ops/test_scan.py
+    # steps both forms through scores far below its running max of 0).
+    keras.utils.set_random_seed(5)
     x = data(3, 23, seed=5)
     options = dict(return_sequences=True, return_state=True)
     layer = Aaren(2, 4, **options) if kind == "aaren" else AarenBlock(2, 3, **options)
-    layer(x)
-    attention = layer.cell if kind == "aaren" else layer.cell.attention
-    attention.query.assign(300.0 * to_numpy(attention.query))
     parallel = layer(x)
-    assert np.abs(to_numpy(parallel[2])[:, :2]).max() > 100.0  # the running max m
     with token_spread(spread):
         stepped = keras.layers.RNN(layer.cell, **options)(x)
     for name, got, want in zip(["output", "y", "c"], parallel, stepped):
