@@ -7,7 +7,7 @@ K key dimension, D value dimension, O output features.
 import math
 
 import keras
-from keras import backend, ops
+from keras import ops
 
 from keras_aaren.layers.base import (
     AttentionCell,
@@ -212,40 +212,26 @@ class AarenCell(AttentionCell):
 
         `keep_time_axis`: the products keep the sequence's axes (see `base.token_matmul`).
         """
-        heads, value_dim = self.num_heads, self.value_dim
+        scores, values = self.project_flat(inputs, keep_time_axis)
+        lead = tuple(ops.shape(inputs)[:-1])
+        return scores, ops.reshape(values, lead + (self.num_heads, self.value_dim))
+
+    def project_flat(self, inputs, keep_time_axis=False):
+        """`project` with the values flat, head-major: `(..., F)` -> `(..., H)`, `(..., H * D)`."""
         # Scores are exponentiated, so they are computed in float32 even under mixed precision:
         # bfloat16 would move a score of 100 by up to 0.4, and its weight by 40%.
         score_dtype = scan_dtype(inputs.dtype)
         score_kernel, score_bias = self.score_projection(score_dtype)
         value_kernel = ops.reshape(self.value_kernel, (self.input_dim, -1))
-        lead = tuple(ops.shape(inputs)[:-1])
         # Two products rather than one joint product of scores and values: TensorFlow
-        # differentiates the slices of a joint product with padded gradients.
+        # differentiates the slices of a joint product with padded gradients, and a quantizer
+        # would give the scores and the values one range (an exported step quantizes them).
         scores = token_matmul(ops.cast(inputs, score_dtype), score_kernel, keep_time_axis)
         values = token_matmul(inputs, value_kernel, keep_time_axis)  # (..., H * D)
         if self.use_bias:
             scores = scores + score_bias
             values = values + ops.reshape(self.value_bias, (-1,))
-        return scores, ops.reshape(values, lead + (heads, value_dim))
-
-    def project_token(self, inputs):
-        """Scores and values of one token, flat: `(B, F)` -> `(B, H)` and `(B, H * D)`.
-
-        The values of `project`, head-major, from one product of the token with the score and
-        value kernels side by side where both are computed in one dtype (everywhere but under
-        mixed precision, where the values keep the compute dtype): a one-token step spends its
-        time on the number of ops it runs rather than on their size.
-        """
-        if backend.standardize_dtype(inputs.dtype) != scan_dtype(inputs.dtype):
-            scores, values = self.project(inputs)
-            return scores, ops.reshape(values, (-1, self.num_heads * self.value_dim))
-        score_kernel, score_bias = self.score_projection(inputs.dtype)
-        value_kernel = ops.reshape(self.value_kernel, (self.input_dim, -1))
-        projected = matmul(inputs, ops.concatenate([score_kernel, value_kernel], axis=-1))
-        if self.use_bias:
-            value_bias = ops.reshape(self.value_bias, (-1,))
-            projected = projected + ops.concatenate([score_bias, value_bias], axis=-1)
-        return tuple(ops.split(projected, [self.num_heads], axis=-1))
+        return scores, values
 
     def output_projection(self, attended, keep_time_axis=False):
         """The output of attended values: `(..., H, D)` -> `(..., O)`."""
@@ -299,7 +285,7 @@ class AarenCell(AttentionCell):
         # One split, and `w` kept flat (`aaren_step_flat`): a one-token step spends its time on
         # the number of ops it runs, not on their size.
         state = ops.split(c, [heads, 2 * heads], axis=-1)
-        scores, values = self.project_token(inputs)  # (B, H), (B, H * D)
+        scores, values = self.project_flat(inputs)  # (B, H), (B, H * D)
         attended, new_state = aaren_step_flat(state, scores, values, current_token_spread())
         kernel = ops.reshape(self.output_kernel, (heads * self.value_dim, -1))
         outputs = matmul(attended, kernel)
