@@ -14,11 +14,12 @@ from keras_aaren.layers.base import (
     ParallelRNN,
     check_float,
     check_token_shape,
+    current_token_spread,
     token_matmul,
 )
-from keras_aaren.ops import aaren_scan, aaren_step
+from keras_aaren.ops import aaren_scan
 from keras_aaren.ops.backend import matmul
-from keras_aaren.ops.recurrence import scan_dtype
+from keras_aaren.ops.recurrence import aaren_step_flat, scan_dtype
 from keras_aaren.validation import check_positive_int
 
 
@@ -185,38 +186,52 @@ class AarenCell(AttentionCell):
             autocast=autocast,
         )
 
+    def score_projection(self, dtype):
+        """The kernel `(F, H)` and bias `(H,)` (None without biases) of the scores, in `dtype`.
+
+        The query is one vector per head, so q . (x W_k + b_k) = x (W_k q) + b_k . q: it is
+        folded into the key kernel, and the keys are never formed. It does not depend on the
+        tokens, so a graph of frozen weights (an export) holds it as a constant.
+        """
+        heads, key_dim = self.num_heads, self.key_dim
+        query = matmul(
+            ops.cast(self.query[None], dtype),
+            ops.cast(ops.reshape(self.query_kernel, (self.input_dim, -1)), dtype),
+        )  # (1, H * K)
+        if self.use_bias:
+            query = query + ops.cast(ops.reshape(self.query_bias, (-1,)), dtype)
+        query = ops.reshape(query, (heads, key_dim)) / math.sqrt(key_dim)
+        score_kernel = ops.sum(ops.cast(self.key_kernel, dtype) * query, axis=-1)  # (F, H)
+        score_bias = None
+        if self.use_bias:
+            score_bias = ops.sum(ops.cast(self.key_bias, dtype) * query, axis=-1)
+        return score_kernel, score_bias
+
     def project(self, inputs, keep_time_axis=False):
         """Scores and values of tokens: `(..., F)` -> `(..., H)` and `(..., H, D)`.
 
         `keep_time_axis`: the products keep the sequence's axes (see `base.token_matmul`).
         """
-        heads, key_dim, value_dim = self.num_heads, self.key_dim, self.value_dim
+        scores, values = self.project_flat(inputs, keep_time_axis)
+        lead = tuple(ops.shape(inputs)[:-1])
+        return scores, ops.reshape(values, lead + (self.num_heads, self.value_dim))
+
+    def project_flat(self, inputs, keep_time_axis=False):
+        """`project` with the values flat, head-major: `(..., F)` -> `(..., H)`, `(..., H * D)`."""
         # Scores are exponentiated, so they are computed in float32 even under mixed precision:
         # bfloat16 would move a score of 100 by up to 0.4, and its weight by 40%.
         score_dtype = scan_dtype(inputs.dtype)
-        query = matmul(
-            ops.cast(self.query[None], score_dtype),
-            ops.cast(ops.reshape(self.query_kernel, (self.input_dim, -1)), score_dtype),
-        )  # (1, H * K)
-        if self.use_bias:
-            query = query + ops.cast(ops.reshape(self.query_bias, (-1,)), score_dtype)
-        query = ops.reshape(query, (heads, key_dim)) / math.sqrt(key_dim)
-        # The query is one vector per head, so q . (x W_k + b_k) = x (W_k q) + b_k . q: fold it
-        # into the key kernel, and never form the keys.
-        score_kernel = ops.sum(ops.cast(self.key_kernel, score_dtype) * query, axis=-1)  # (F, H)
-        score_bias = None
-        if self.use_bias:
-            score_bias = ops.sum(ops.cast(self.key_bias, score_dtype) * query, axis=-1)
+        score_kernel, score_bias = self.score_projection(score_dtype)
         value_kernel = ops.reshape(self.value_kernel, (self.input_dim, -1))
-        lead = tuple(ops.shape(inputs)[:-1])
         # Two products rather than one joint product of scores and values: TensorFlow
-        # differentiates the slices of a joint product with padded gradients.
+        # differentiates the slices of a joint product with padded gradients, and a quantizer
+        # would give the scores and the values one range (an exported step quantizes them).
         scores = token_matmul(ops.cast(inputs, score_dtype), score_kernel, keep_time_axis)
         values = token_matmul(inputs, value_kernel, keep_time_axis)  # (..., H * D)
         if self.use_bias:
             scores = scores + score_bias
             values = values + ops.reshape(self.value_bias, (-1,))
-        return scores, ops.reshape(values, lead + (heads, value_dim))
+        return scores, values
 
     def output_projection(self, attended, keep_time_axis=False):
         """The output of attended values: `(..., H, D)` -> `(..., O)`."""
@@ -265,10 +280,18 @@ class AarenCell(AttentionCell):
             dtype of `states`.
         """
         check_float(self, inputs)
-        state = self.unflatten_state(states)
-        scores, values = self.project(inputs)  # (B, H), (B, H, D)
-        attended, new_state = aaren_step(state, scores, values)
-        return self.output_projection(attended), self.flatten_state(new_state, states[0].dtype)
+        (c,) = states
+        heads = self.num_heads
+        # One split, and `w` kept flat (`aaren_step_flat`): a one-token step spends its time on
+        # the number of ops it runs, not on their size.
+        state = ops.split(c, [heads, 2 * heads], axis=-1)
+        scores, values = self.project_flat(inputs)  # (B, H), (B, H * D)
+        attended, new_state = aaren_step_flat(state, scores, values, current_token_spread())
+        kernel = ops.reshape(self.output_kernel, (heads * self.value_dim, -1))
+        outputs = matmul(attended, kernel)
+        if self.use_bias:
+            outputs = outputs + self.output_bias
+        return outputs, [ops.cast(ops.concatenate(new_state, axis=-1), c.dtype)]
 
     def call_sequence(
         self,

@@ -4,6 +4,8 @@ takes, and a `keras.layers.RNN` whose cell can also compute a whole sequence at 
 Shape letters used in this module: B batch, T timesteps, F input features, O output features.
 """
 
+import contextlib
+import contextvars
 import typing
 import weakref
 
@@ -14,6 +16,7 @@ from keras_aaren.compat import output_before_first_real_step
 from keras_aaren.distribution import current_sequence_sharding
 from keras_aaren.ops import backend as plumbing
 from keras_aaren.ops.chunked import DEFAULT_CHUNK_SIZE
+from keras_aaren.ops.recurrence import SPREADS
 from keras_aaren.ops.scan import check_method
 from keras_aaren.ops.segments import carry_last_real, segment_starts
 from keras_aaren.validation import (
@@ -38,6 +41,32 @@ def token_matmul(x, kernel, keep_time_axis=False):
     lead = tuple(ops.shape(x)[:-1])
     flat = plumbing.matmul(ops.reshape(x, (-1, x.shape[-1])), kernel)
     return ops.reshape(flat, lead + (kernel.shape[-1],))
+
+
+_TOKEN_SPREAD = contextvars.ContextVar("keras_aaren_token_spread", default="broadcast")
+
+
+@contextlib.contextmanager
+def token_spread(spread):
+    """Within this context, the attention cells' one-token steps (traced or run) spread their
+    per-head scales over the value columns as `spread` says (`ops.recurrence.aaren_step_flat`).
+
+    `"broadcast"` outside it. The exports of the step choose `"product"` where the graph's
+    matrix products stay in floating point; a scope rather than an argument, so that it reaches
+    the cells of every recurrent layer, however they are nested, and no other layer.
+    """
+    if spread not in SPREADS:
+        raise ValueError(f"`spread` must be one of {SPREADS}. Received: spread={spread!r}")
+    token = _TOKEN_SPREAD.set(spread)
+    try:
+        yield
+    finally:
+        _TOKEN_SPREAD.reset(token)
+
+
+def current_token_spread():
+    """The spread of `token_spread`'s innermost context, `"broadcast"` outside any."""
+    return _TOKEN_SPREAD.get()
 
 
 def check_float(layer, inputs):

@@ -17,6 +17,8 @@ Shape letters: B batch, T timesteps, H heads, D value dimension.
 import numpy as np
 from keras import backend, ops
 
+from keras_aaren.ops.backend import matmul
+
 
 def scan_dtype(dtype):
     """The dtype the scan runs in: float64 stays float64, everything else runs in float32."""
@@ -164,7 +166,7 @@ def aaren_step(state, score, value):
     Args:
         state: tuple `(m, u, w)` of shapes `(B, H)`, `(B, H)`, `(B, H, D)`; `u == 0` means
             nothing seen (the all-zero state included).
-        score: tensor of shape `(B, H)`, the token's score $s = q \\cdot k / \\sqrt{d_k}$.
+        score: tensor of shape `(B, H)`, the token's score $s = q \\cdot k / \\sqrt{d_k}$, finite.
         value: tensor of shape `(B, H, D)`, the token's value $v$.
 
     Returns:
@@ -179,20 +181,98 @@ def aaren_step(state, score, value):
         >>> round(float(np.asarray(output)[0, 0, 0]), 4)  # (1 + 3 * 5) / (1 + 3)
         4.0
     """
+    # expand_dims rather than `[..., None]`, which TensorFlow traces as a strided slice.
+    return _step(state, score, value, lambda t: ops.expand_dims(t, -1), empty_as_identity)
+
+
+#: The ways `aaren_step_flat` spreads a per-head tensor over the value columns of its head.
+SPREADS = ("broadcast", "product")
+
+
+def aaren_step_flat(state, score, value, spread="broadcast"):
+    """`aaren_step` with `w` and the value flat, `(B, H * D)` (head-major), as a cell stores `w`
+    and as the output projection takes the attended values.
+
+    This is the recurrence of a one-token step, written for the graphs that deployment runtimes
+    run, where each op costs a fixed overhead that dwarfs its arithmetic at one token. How the
+    per-head scales reach the value columns (`spread`) is the one choice between forms:
+
+    * `"broadcast"`: the values viewed as `(B, H, D)` and the scales as `(B, H, 1)`.
+    * `"product"`: the scales multiplied by a constant 0/1 matrix `(H, H * D)`: one op where the
+      views take two or three, exact in floating point (each column sums one scale and zeros).
+      An empty state's running max becomes -inf rather than the dtype's minimum, by adding
+      `log(sign(u))` (three small ops where a select is one slow op in ONNX Runtime, or six
+      as TensorFlow-to-ONNX conversion writes a select of finite floats); the token's score is
+      finite, so the new max is finite and no -inf meets another. For graphs whose products stay
+      in floating point and that are never calibrated: a quantizer would round the scales with
+      the product's inputs, and the state with them, and could not calibrate a range with -inf.
+
+    Args:
+        state: tuple `(m, u, w)` of shapes `(B, H)`, `(B, H)`, `(B, H * D)`.
+        score: tensor of shape `(B, H)`, finite.
+        value: tensor of shape `(B, H * D)`.
+        spread: `"broadcast"` or `"product"`.
+
+    Returns:
+        A tuple `(output, new_state)` as `aaren_step`'s, with `output` and `w` of shape
+        `(B, H * D)`.
+
+    Examples:
+        >>> import numpy as np
+        >>> state = (np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 4)))  # nothing seen yet
+        >>> value = np.array([[1.0, 2.0, 3.0, 4.0]])
+        >>> for spread in SPREADS:
+        ...     output, _ = aaren_step_flat(state, np.zeros((1, 2)), value, spread=spread)
+        ...     print(np.asarray(output).tolist())  # one token seen: its value
+        [[1.0, 2.0, 3.0, 4.0]]
+        [[1.0, 2.0, 3.0, 4.0]]
+    """
+    if spread not in SPREADS:
+        raise ValueError(f"`spread` must be one of {SPREADS}. Received: spread={spread!r}")
     value = ops.convert_to_tensor(value)
-    out_dtype = value.dtype
-    dtype = scan_dtype(value.dtype)
+    heads = score.shape[-1]
+    value_dim = value.shape[-1] // heads
+    if spread == "broadcast":
+        m, u, w = state
+        state = (m, u, ops.reshape(w, (-1, heads, value_dim)))
+        value = ops.reshape(value, (-1, heads, value_dim))
+        output, (m, u, w) = aaren_step(state, score, value)
+        flat = (-1, heads * value_dim)
+        return ops.reshape(output, flat), (m, u, ops.reshape(w, flat))
+    columns = np.repeat(np.eye(heads), value_dim, axis=1).astype(scan_dtype(value.dtype))
+    return _step(state, score, value, lambda t: matmul(t, columns), _empty_as_minus_infinity)
+
+
+def _empty_as_minus_infinity(m, u):
+    """`empty_as_identity` with -inf for the empty state's max: log(sign(u)) is 0 where the
+    state has seen a token and -inf where it has not."""
+    return m + ops.stop_gradient(ops.log(ops.sign(u)))
+
+
+def _step(state, score, value, per_value, empty_as_lowest):
+    """The step of `aaren_step`: `per_value(t)` spreads a `(B, H)` tensor over the values,
+    `empty_as_lowest(m, u)` gives an empty state's max a value below any score."""
+    out_dtype = ops.convert_to_tensor(value).dtype
+    dtype = scan_dtype(out_dtype)
     m, u, w = (ops.cast(t, dtype) for t in state)
     score = ops.cast(score, dtype)
     value = ops.cast(value, dtype)
-    m = empty_as_identity(m, u)
-    m_new = ops.stop_gradient(larger(m, score))
+    m = empty_as_lowest(m, u)
+    m_new = ops.stop_gradient(_maximum(m, score))
     scale_old = ops.exp(m - m_new)
     scale_new = ops.exp(score - m_new)
     u_new = u * scale_old + scale_new
-    w_new = w * scale_old[..., None] + value * scale_new[..., None]
-    output = w_new / u_new[..., None]
+    w_new = w * per_value(scale_old) + value * per_value(scale_new)
+    output = w_new / per_value(u_new)
     return ops.cast(output, out_dtype), (m_new, u_new, w_new)
+
+
+def _maximum(a, b):
+    """`keras.ops.maximum` of two tensors of one dtype; `larger` for float64 on PyTorch, whose
+    `maximum` computes it in float32. A select would trace as more ops than one maximum."""
+    if backend.backend() == "torch" and backend.standardize_dtype(a.dtype) == "float64":
+        return larger(a, b)
+    return ops.maximum(a, b)
 
 
 def token_leaves(scores, values, mask):

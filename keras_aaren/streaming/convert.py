@@ -92,11 +92,12 @@ def _stateful_copy(model, batch_size):
 class CellStep(keras.layers.Layer):
     """One token through a recurrent layer's cell: that layer's part of a step model.
 
-    Called on the token as the recurrent layer saw its sequences, `(batch_size, 1, features)`,
-    and the flat list of its cell's states (`keras.tree.flatten(cell.state_size)` order), it
-    calls the cell once (`training=False`) and returns `(outputs, new_states)`: `outputs` as the
-    layer returns them for that token (its compute dtype; a time axis of 1 with
-    `return_sequences`, none without; its final states after the output with `return_state`),
+    Called on the token as the recurrent layer saw its sequences, `(batch_size, 1, features)`
+    (or without the time axis, `(batch_size, features)`), and the flat list of its cell's
+    states (`keras.tree.flatten(cell.state_size)` order), it calls the cell once
+    (`training=False`) and returns `(outputs, new_states)`: `outputs` as the layer returns them
+    for that token (its compute dtype; a time axis of 1 with `return_sequences` when the token
+    came with one, none otherwise; its final states after the output with `return_state`),
     `new_states` in the dtypes of the states it was given. It holds the cell itself, so a step
     model shares the trained model's weights.
 
@@ -122,13 +123,16 @@ class CellStep(keras.layers.Layer):
         sizes = self.cell.state_size
         # A stack of cells (StackedRNNCells) nests its cells' sizes.
         structure = [sizes] if isinstance(sizes, int) else list(sizes)
-        token = keras.ops.reshape(sequence, (-1, sequence.shape[-1]))
+        with_time_axis = len(sequence.shape) == 3
+        token = sequence
+        if with_time_axis:
+            token = keras.ops.reshape(sequence, (-1, sequence.shape[-1]))
         output, new_states = self.cell(
             token, keras.tree.pack_sequence_as(structure, list(states)), training=False
         )
         new_states = keras.tree.flatten(new_states)
         output = keras.ops.cast(output, self.compute_dtype)
-        if self.return_sequences:
+        if self.return_sequences and with_time_axis:
             output = keras.ops.reshape(output, (-1, 1, output.shape[-1]))
         outputs = [output]
         if self.return_state:
@@ -175,13 +179,27 @@ def _lookup(tensors, tensor, where):
     return tensors[id(tensor)]
 
 
+def _with_time_axis(expanded, tensor, step_tensor):
+    """`step_tensor` with the time axis of 1 that `tensor` of the model's graph has.
+
+    The step carries a token from one recurrent layer to the next without its time axis, as
+    the cells take it: it gets the axis only where another layer needs it, once (`expanded`
+    keeps it by the model's tensor).
+    """
+    if len(tensor.shape) != 3 or len(step_tensor.shape) != 2:
+        return step_tensor
+    if id(tensor) not in expanded:
+        expanded[id(tensor)] = keras.ops.expand_dims(step_tensor, 1)
+    return expanded[id(tensor)]
+
+
 def _step_graph(model, batch_size):
     """The model's layer graph on one token, each recurrent layer's cell called once."""
     features = model.inputs[0].shape[-1]
     token = keras.Input(batch_shape=(batch_size, features), dtype=model.inputs[0].dtype, name="x")
-    # Every layer sees the `(batch_size, 1, ...)` tensors it saw on sequences; the cells take
-    # the token without its time axis (see CellStep).
-    tensors = {id(model.inputs[0]): keras.ops.reshape(token, (batch_size, 1, features))}
+    # Every layer but the recurrent ones sees the `(batch_size, 1, ...)` tensors it saw on
+    # sequences; the cells take the token without its time axis (see CellStep).
+    tensors, expanded = {id(model.inputs[0]): token}, {}
     state_inputs, state_outputs = [], []
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
@@ -221,6 +239,9 @@ def _step_graph(model, batch_size):
             state_inputs += states
             state_outputs += new_states
         else:
+            inputs = keras.tree.map_structure(
+                functools.partial(_with_time_axis, expanded), layer.input, inputs
+            )
             outputs = layer(inputs)
         for original, new in zip(keras.tree.flatten(layer.output), keras.tree.flatten(outputs)):
             tensors[id(original)] = new

@@ -10,9 +10,16 @@ interpreter (`ai-edge-litert`) and in ONNX Runtime; `pip install keras_aaren[dep
 both and the converters.
 
 The step model calls each recurrent layer's cell once per token (for Aaren,
-`keras_aaren.ops.aaren_step`), so the exported graphs hold no loop and no scan (the parallel
-scan is, on TensorFlow, an XLA-compiled nested function that `tf2onnx` cannot convert), and the
-state lives in their inputs and outputs, not in variables.
+`keras_aaren.ops.recurrence.aaren_step_flat`), so the exported graphs hold no loop and no scan
+(the parallel scan is, on TensorFlow, an XLA-compiled nested function that `tf2onnx` cannot
+convert), and the state lives in their inputs and outputs, not in variables.
+
+At one token, a runtime's time goes to the number of ops it runs more than to their arithmetic,
+so the unquantized LiteRT and ONNX steps spread each head's scales over its value columns with
+a product by a constant 0/1 matrix, one op where a reshaped broadcast takes several (see
+`aaren_step_flat`). Quantized steps broadcast instead: a quantizer would round that product's
+inputs, and the state with them. Quantize with these functions' `quantization` argument, not
+by running a quantizer over an unquantized file.
 """
 
 import tempfile
@@ -21,6 +28,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_aaren.layers.base import token_spread
 from keras_aaren.streaming.convert import make_step_model
 from keras_aaren.validation import check_shape
 
@@ -40,6 +48,8 @@ _FLOAT_OPS = (
     "MUL",
     "DIV",
     "EXP",
+    "LOG",
+    "SIGN",
     "NEG",
     "MAXIMUM",
     "MINIMUM",
@@ -49,6 +59,7 @@ _FLOAT_OPS = (
     "RESHAPE",
     "STRIDED_SLICE",
     "SPLIT",
+    "SPLIT_V",
     "UNPACK",
     "MEAN",
     "SQUARED_DIFFERENCE",
@@ -276,7 +287,10 @@ def export_tflite(model, path, batch_size, quantization=None, representative_dat
         options["optimizations"] = [tf.lite.Optimize.DEFAULT]
     if quantization == "float16":
         options["target_spec"] = {"supported_types": [tf.float16]}
-    named.export(str(path), format="litert", input_signature=[signature], verbose=False, **options)
+    with token_spread("broadcast" if quantization else "product"):
+        named.export(
+            str(path), format="litert", input_signature=[signature], verbose=False, **options
+        )
     return str(path)
 
 
@@ -323,7 +337,8 @@ def export_onnx(model, path, batch_size, quantization=None):
     _check_quantization(quantization, ONNX_QUANTIZATIONS, None)
     named, signature = _named_step(model, batch_size)
     if quantization is None:
-        named.export(str(path), format="onnx", input_signature=[signature], verbose=False)
+        with token_spread("product"):
+            named.export(str(path), format="onnx", input_signature=[signature], verbose=False)
         return str(path)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

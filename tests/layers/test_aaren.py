@@ -18,8 +18,10 @@ from helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keras_aaren import Aaren, AarenBlockCell, AarenCell, reset_states
+from keras_aaren import Aaren, AarenBlock, AarenBlockCell, AarenCell, reset_states
+from keras_aaren.layers.base import current_token_spread, token_spread
 from keras_aaren.ops import METHODS, aaren_attention_naive
+from keras_aaren.ops.recurrence import SPREADS
 
 
 def numpy_oracle(cell, x):
@@ -59,6 +61,33 @@ def test_parallel_matches_stepping(
     assert len(parallel) == len(stepped) == 3
     for name, got, want in zip(["output", "y", "c"], parallel, stepped):
         assert_close(got, want, what=name)
+
+
+@pytest.mark.parametrize("spread", SPREADS)
+@pytest.mark.parametrize("kind", ["aaren", "block"])
+def test_stepping_in_either_spread_matches_parallel(kind, spread):
+    # The cells' one-token step in the form the exports choose (`token_spread`) is the parallel
+    # layer's, state included, from the zero state of a new stream (tests/ops/test_scan.py
+    # steps both forms through scores far below its running max of 0).
+    keras.utils.set_random_seed(5)
+    x = data(3, 23, seed=5)
+    options = dict(return_sequences=True, return_state=True)
+    layer = Aaren(2, 4, **options) if kind == "aaren" else AarenBlock(2, 3, **options)
+    parallel = layer(x)
+    with token_spread(spread):
+        stepped = keras.layers.RNN(layer.cell, **options)(x)
+    for name, got, want in zip(["output", "y", "c"], parallel, stepped):
+        assert_close(got, want, what=name)
+
+
+def test_token_spread_is_scoped_and_checked():
+    assert current_token_spread() == "broadcast"
+    with token_spread("product"):
+        assert current_token_spread() == "product"
+    assert current_token_spread() == "broadcast"
+    with pytest.raises(ValueError, match="`spread` must be one of"):
+        with token_spread("gather"):
+            pass
 
 
 def test_initial_state_carries_over():

@@ -18,6 +18,7 @@ from keras_aaren.ops import (
     identity_state,
     readout,
 )
+from keras_aaren.ops.recurrence import SPREADS, aaren_step_flat
 
 ALL_METHODS = ["sequential", "associative", "chunked"]
 SCORES = ["normal", "ramp_up", "ramp_down", "mixed"]
@@ -223,6 +224,73 @@ def test_step_by_step_equals_scan():
         assert_close(output, to_numpy(expected)[:, t])
     for got, want in zip(state, expected_final):
         assert_close(got, want)
+
+
+def _flat(state):
+    m, u, w = state
+    return m, u, np.reshape(w, (w.shape[0], -1))
+
+
+@pytest.mark.parametrize("spread", SPREADS)
+@pytest.mark.parametrize("start", ["zeros", "empty_heads", "identity"])
+def test_flat_step_equals_step(start, spread):
+    # Both forms of the one-token step, from a state that has seen tokens, from zeros, whose
+    # running max of 0 would underflow the weight of scores near -5000, from an empty head that
+    # carries some m, and from the scans' identity (the lowest m).
+    rng = np.random.default_rng(3)
+    scores = f32(make_scores("mixed", 2, 12, 3, rng))[0]
+    scores[:, :4] -= 5000.0
+    values = f32(rng.normal(size=(2, 12, 3, 4)))[0]
+    if start == "zeros":
+        state = tuple(np.zeros(s, "float32") for s in [(2, 3), (2, 3), (2, 3, 4)])
+    elif start == "empty_heads":
+        state = f32(*make_state(2, 3, 4, rng))
+    else:
+        state = tuple(to_numpy(t) for t in identity_state(2, 3, 4))
+    flat = _flat(state)
+    for t in range(12):
+        output, state = aaren_step(state, scores[:, t], values[:, t])
+        flat_output, flat = aaren_step_flat(
+            flat, scores[:, t], _flat((0, 0, values[:, t]))[2], spread
+        )
+        assert np.all(np.isfinite(to_numpy(flat_output)))
+        assert_close(flat_output, np.reshape(to_numpy(output), (2, -1)))
+        for got, want in zip(flat, _flat(tuple(to_numpy(x) for x in state))):
+            assert_close(got, want)
+
+
+@pytest.mark.parametrize("spread", SPREADS)
+def test_flat_step_gradients_equal_step(spread):
+    # The running max carries no gradient in either form, and the empty head's -inf (the
+    # product form) puts no NaN in any gradient.
+    rng = np.random.default_rng(4)
+    state = f32(*make_state(2, 3, 4, rng))
+    score, value = f32(3.0 * rng.normal(size=(2, 3)), rng.normal(size=(2, 3, 4)))
+    weights = f32(rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 3)))
+
+    def loss(step, score, value, m, u, w):
+        output, (_, new_u, new_w) = step((m, u, w), score, value)
+        new_w = ops.reshape(new_w, (2, 3, 4))
+        output = ops.reshape(output, (2, 3, 4))
+        return ops.sum(output * weights[0]) + ops.sum(new_u * weights[1]) + ops.sum(new_w)
+
+    def flat_step(state, score, value):
+        m, u, w = state
+        return aaren_step_flat(
+            (m, u, ops.reshape(w, (2, 12))), score, ops.reshape(value, (2, 12)), spread
+        )
+
+    inputs = [score, value, *state]
+    expected = gradients(functools.partial(loss, aaren_step), inputs)
+    got = gradients(functools.partial(loss, flat_step), inputs)
+    for name, g, e in zip(["score", "value", "m", "u", "w"], got, expected):
+        assert np.all(np.isfinite(g)), name
+        assert_close(g, e, what=f"d/d{name}")
+
+
+def test_flat_step_checks_spread():
+    with pytest.raises(ValueError, match="`spread` must be one of"):
+        aaren_step_flat(identity_state(1, 1, 1), np.zeros((1, 1)), np.zeros((1, 1)), "gather")
 
 
 def test_combine_identity_and_associativity():

@@ -3,6 +3,7 @@ token by token in TensorFlow, LiteRT's interpreter and ONNX Runtime; quantized s
 float32 step over a long stream with a float32 state; bad arguments and other backends are
 refused with a ValueError."""
 
+import collections
 import os
 
 import keras
@@ -91,6 +92,26 @@ def test_onnx_step_replays_parallel(mixed_and_data, tmp_path):
     model, x, expected = mixed_and_data
     path = streaming.export_onnx(model, str(tmp_path / "step.onnx"), BATCH)
     assert_close(_replay(_onnxruntime(path), _state_shapes(model), x)[0], expected, atol=1e-5)
+
+
+@on_tensorflow
+def test_onnx_step_of_a_block_is_small(tmp_path):
+    # At one token a runtime's time goes to the number of ops it runs. The unquantized ONNX step
+    # of a block has neither reshapes, slices, selects nor casts, and ONNX Runtime fuses each of
+    # its LayerNormalizations into one op.
+    import onnx
+    import onnxruntime
+
+    model = keras.Sequential([keras.Input((None, 64)), AarenBlock(4, 16)])
+    path = streaming.export_onnx(model, str(tmp_path / "step.onnx"), 1)
+    nodes = collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+    assert not {"Reshape", "Unsqueeze", "Slice", "Where", "Not", "Cast", "Expand"} & set(nodes)
+    assert sum(nodes.values()) <= 48, nodes
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    optimized = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert optimized.count("LayerNormalization") == 2
 
 
 @on_tensorflow
