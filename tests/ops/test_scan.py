@@ -272,7 +272,10 @@ def test_flat_step_gradients_equal_step(spread):
         output, (_, new_u, new_w) = step((m, u, w), score, value)
         new_w = ops.reshape(new_w, (2, 3, 4))
         output = ops.reshape(output, (2, 3, 4))
-        return ops.sum(output * weights[0]) + ops.sum(new_u * weights[1]) + ops.sum(new_w)
+        # The weights enter as tensors: PyTorch's product with a NumPy array would convert the
+        # tensor that requires grad to NumPy.
+        weight_output, weight_u = (ops.convert_to_tensor(x) for x in weights)
+        return ops.sum(output * weight_output) + ops.sum(new_u * weight_u) + ops.sum(new_w)
 
     def flat_step(state, score, value):
         m, u, w = state
