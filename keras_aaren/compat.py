@@ -34,24 +34,30 @@ Keras internals:
 6. `_keras_mask`: Keras attaches the mask a layer passes on to its symbolic output as the
    attribute `_keras_mask` (as its masking guide shows); `make_step_model` reads it to refuse
    a model whose layers pass masks, which the one-token step cannot take.
+7. `keras.layers.LayerNormalization` keeps its constructor arguments `epsilon`, `center` and
+   `scale` as attributes of those names and its weights as `gamma` and `beta`, and computes
+   `(x - mean) / sqrt(variance + epsilon) * gamma + beta` over the last axis. The one-token step
+   of `AarenBlockCell` computes its LayerNormalizations from them, as the ops that ONNX Runtime
+   fuses into one (`layers.aaren_block._token_layer_norm`), where calling the layer would
+   export Keras' dozen smaller ops.
 
 Keras behaviour the package works around:
 
-7. Keras' type promotion follows JAX's default of 32-bit types on the backends other than
+8. Keras' type promotion follows JAX's default of 32-bit types on the backends other than
    TensorFlow: on PyTorch, `keras.ops.matmul` and `keras.ops.maximum` compute two float64
    tensors in float32, and `keras.ops.where` converts a Python float through float32 (float64's
    minimum becomes -inf). `ops.backend.matmul` (an `einsum` there), `ops.recurrence.larger` (a
    selection) and `ops.recurrence.lowest` (no lower than float32's minimum) keep float64 end
    to end.
-8. `keras.ops.associative_scan` on PyTorch interleaves its partial results in torch's default
+9. `keras.ops.associative_scan` on PyTorch interleaves its partial results in torch's default
    dtype, float32, whatever the inputs' dtype: `method="associative"` on PyTorch is exact to
    float32 rounding for float64 inputs. The default method, `"chunked"`, does not use it.
 
 JAX:
 
-9. `jax.core.Tracer`: the class of every value a JAX transformation traces. The scan and the
-   layers test for it to tell an eager call on JAX (which runs as a cached compiled program,
-   `ops.backend.ProgramCache`) from one inside a caller's trace.
+10. `jax.core.Tracer`: the class of every value a JAX transformation traces. The scan and the
+    layers test for it to tell an eager call on JAX (which runs as a cached compiled program,
+    `ops.backend.ProgramCache`) from one inside a caller's trace.
 """
 
 import keras

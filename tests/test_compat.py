@@ -138,6 +138,34 @@ def test_a_layer_passes_its_mask_on_as_keras_mask():
     )
 
 
+def test_layer_normalization_computes_from_the_attributes_the_token_step_reads():
+    # AarenBlockCell's one-token step normalizes from these attributes, written out as the ops
+    # ONNX Runtime fuses (keras_aaren.layers.aaren_block._token_layer_norm).
+    layer = keras.layers.LayerNormalization(epsilon=1e-3)
+    x = np.random.default_rng(0).normal(size=(2, 8)).astype("float32")
+    layer.build(x.shape)
+    layer.set_weights([np.linspace(0.5, 2.0, 8), np.linspace(-1.0, 1.0, 8)])
+    for name in ("epsilon", "center", "scale", "gamma", "beta"):
+        assert hasattr(layer, name), (
+            f"keras.layers.LayerNormalization has no attribute `{name}` now; "
+            "keras_aaren.layers.aaren_block._token_layer_norm must follow."
+        )
+    assert (layer.epsilon, layer.center, layer.scale) == (1e-3, True, True)
+    centered = x - x.mean(axis=-1, keepdims=True)
+    variance = (centered**2).mean(axis=-1, keepdims=True)
+    gamma, beta = to_numpy(layer.gamma), to_numpy(layer.beta)
+    expected = centered / np.sqrt(variance + layer.epsilon) * gamma + beta
+    np.testing.assert_allclose(
+        to_numpy(layer(x)),
+        expected,
+        rtol=1e-5,
+        atol=1e-5,
+        err_msg="keras.layers.LayerNormalization no longer computes (x - mean) / "
+        "sqrt(variance + epsilon) * gamma + beta; keras_aaren.layers.aaren_block."
+        "_token_layer_norm must follow.",
+    )
+
+
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's type promotion")
 def test_keras_computes_float64_matmul_and_maximum_in_float32_on_torch():
     x = keras.ops.convert_to_tensor(np.full((2, 2), 1.0 + 2.0**-40))
@@ -157,7 +185,7 @@ def test_keras_associative_scan_interleaves_in_float32_on_torch():
     result = keras.ops.associative_scan(lambda a, b: a + b, keras.ops.convert_to_tensor(x))
     assert not np.allclose(to_numpy(result), np.cumsum(x), rtol=1e-13, atol=0), (
         "keras.ops.associative_scan keeps float64 on PyTorch now; remove the xfail of "
-        "tests/test_float64.py and item 8 of keras_aaren.compat."
+        "tests/test_float64.py and item 9 of keras_aaren.compat."
     )
 
 
