@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import textwrap
 import time
 import types
 import typing
@@ -333,7 +334,9 @@ def plot_against_length(results, path, ylabel, title):
         if lengths:
             ax.plot(lengths, [row[t] for t in lengths], "o-", label=name, color=colours.get(name))
     ax.set_xscale("log", base=2)
-    ax.set(yscale="log", xlabel="sequence length T", ylabel=ylabel, title=title)
+    ax.set(yscale="log", xlabel="sequence length T", ylabel=ylabel)
+    # A long device name would run past the figure's edges on one line.
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
