@@ -17,7 +17,6 @@ lengths.
 
 import collections
 import contextlib
-import math
 import threading
 
 from keras import backend, ops
@@ -76,50 +75,50 @@ def with_gradient(forward):
 
     Every input must be a tensor that gradients can flow to (pass masks as floats). Each backend
     has its own convention, hidden here: TensorFlow passes one cotangent per output (`None` for
-    an unused one), JAX one tuple, and Keras' PyTorch `custom_gradient` supports one output and
-    one cotangent, passed as a keyword, so there the outputs travel packed in one flat tensor.
+    an unused one) and JAX one tuple, both through `keras.ops.custom_gradient`. Keras' PyTorch
+    `custom_gradient` takes one output only, so on PyTorch the outputs go through a
+    `torch.autograd.Function` of their own, which passes one cotangent per output (zeros for an
+    unused one) with no packing of the outputs into one tensor and out again.
     """
-    packed = backend.backend() == "torch"
+    if backend.backend() == "torch":
+        return lambda *inputs: tuple(_HandWrittenGradient.apply(forward, *inputs))
 
     def call(*inputs):
-        shapes = []
-
         @ops.custom_gradient
         def run(*inputs):
             outputs, backward = forward(*inputs)
-            shapes[:] = [tuple(ops.shape(x)) for x in outputs]
 
             def grad(*args, upstream=None):
                 if upstream is None:
                     upstream = args[0] if len(args) == 1 else args
-                if packed:
-                    upstream = _unpack(upstream, shapes)
                 cotangents = [
                     ops.zeros_like(x) if g is None else g for g, x in zip(upstream, outputs)
                 ]
                 return tuple(backward(cotangents))
 
-            if packed:
-                return _pack(outputs), grad
             return tuple(outputs), grad
 
-        results = run(*inputs)
-        return tuple(_unpack(results, shapes) if packed else results)
+        return tuple(run(*inputs))
 
     return call
 
 
-def _pack(tensors):
-    return ops.concatenate([ops.reshape(x, (-1,)) for x in tensors], axis=0)
+if backend.backend() == "torch":
+    import torch
 
+    class _HandWrittenGradient(torch.autograd.Function):
+        """`with_gradient` on PyTorch: `forward(*inputs)` returns `(outputs, backward)`, and
+        `backward(cotangents)` the inputs' gradients. PyTorch runs the forward with gradients
+        off and passes zeros as the cotangent of an output the loss does not use."""
 
-def _unpack(flat, shapes):
-    tensors, start = [], 0
-    for shape in shapes:
-        size = math.prod(shape)
-        tensors.append(ops.reshape(flat[start : start + size], shape))
-        start += size
-    return tensors
+        @staticmethod
+        def forward(ctx, forward, *inputs):
+            outputs, ctx.hand_written_backward = forward(*inputs)
+            return tuple(outputs)
+
+        @staticmethod
+        def backward(ctx, *cotangents):
+            return (None, *ctx.hand_written_backward(list(cotangents)))
 
 
 # Eager calls on JAX. Run op by op, the scan's hundred-odd primitives each compile for every new

@@ -20,7 +20,7 @@ from keras_aaren.ops.recurrence import (
     lowest,
     token_leaves,
 )
-from keras_aaren.ops.segments import after_first_start, in_last_segment, segment_index
+from keras_aaren.ops.segments import after_first_start, before_last_start, segment_index
 
 # The intra-chunk work grows as T·C, while below 8 the prefix over chunk summaries dominates;
 # docs/benchmarks.md gives the figures for each size (`python -m benchmarks.scan`).
@@ -82,18 +82,20 @@ def head_major(x):
     return ops.swapaxes(x, 1, 2)
 
 
-def chunk_weights(m, u, resets=None):
+def chunk_weights(m, u, resets=None, reverse=False):
     """Inside each chunk, every row's running max, sum and the weights of the leaves it sums.
 
     Row k keeps its own running max over leaves i <= k, so every exponent is <= 0 and the row's
     largest term is exactly 1: no overflow, and no prefix underflows to 0/0. With `resets`
     (True where a leaf starts afresh), row k takes the leaves from the last reset up to k.
     A leaf (m_i, u_i, w_i) adds u_i e^(m_i - M_k) to u and w_i e^(m_i - M_k) to w: w_i already
-    carries its own weights.
+    carries its own weights. With `reverse`, the same read from the end: row k takes the leaves
+    i >= k, up to the first reset at or after k.
 
     Args:
         m, u: (..., L), the leaves along the chunk's last axis.
         resets: bool, broadcastable to m, or None.
+        reverse: sum the leaves after each row instead of those before it.
 
     Returns:
         `(m_prefix, u_prefix, scale)`: shapes (..., L), (..., L) and (..., L, L), row k and
@@ -103,9 +105,14 @@ def chunk_weights(m, u, resets=None):
     length = ops.shape(m)[-1]
     idx = ops.arange(length)
     causal = idx[:, None] >= idx[None, :]  # (L, L), row k and column i
+    if reverse:
+        causal = ops.transpose(causal)
     if resets is not None:
         # Leaf i reaches row k when no reset lies in (i, k]: the same count of resets up to both.
+        # Read from the end, when none lies in [k, i): the same count of resets before both.
         run = segment_index(resets)
+        if reverse:
+            run = run - ops.cast(resets, run.dtype)
         causal = ops.logical_and(causal, ops.equal(run[..., :, None], run[..., None, :]))
     logits = ops.where(causal, m[..., None, :], neg)  # (..., L, L)
     m_prefix = ops.stop_gradient(ops.max(logits, axis=-1))  # (..., L)
@@ -115,7 +122,15 @@ def chunk_weights(m, u, resets=None):
 
 
 def blocked_prefix(
-    m, u, w, chunk_size, levels=DYNAMIC_LEVELS, resets=None, start=None, normalize=False
+    m,
+    u,
+    w,
+    chunk_size,
+    levels=DYNAMIC_LEVELS,
+    resets=None,
+    start=None,
+    normalize=False,
+    reverse=False,
 ):
     """Inclusive prefix states along the token axis in chunks: weighted sums inside each chunk,
     a prefix over the chunk summaries (recursively), and one ⊕ of the two per token.
@@ -126,7 +141,10 @@ def blocked_prefix(
     stops the carry from the chunks before. `start`, the state before the first leaf, enters as
     the first chunk's carry, so it costs no ⊕ of its own. With `normalize`, the weighted sums
     come out divided by their masses, `w / u` (0 where nothing was seen), in the same pass as
-    the ⊕.
+    the ⊕. With `reverse`, every state sums its leaf and those after it (suffixes, read from the
+    end of the axis, as a backward pass needs them, with no reversed copy of the leaves): `start`
+    is then the state after the last leaf, a reset marks a leaf that starts afresh read from the
+    end, and `final` is the state of the first leaf.
 
     Args:
         m, u: (B, H, T); w: (B, H, T, D), the leaves.
@@ -135,6 +153,7 @@ def blocked_prefix(
         resets: (B, 1 or H, T) bool or None.
         start: optional `(m, u, w)` of shapes (B, H), (B, H), (B, H, D).
         normalize: return `w / u` instead of `w`.
+        reverse: suffixes instead of prefixes.
 
     Returns:
         `(m, u, w, final)`: `(m, u, w)` of every prefix, with the shapes of the leaves (`w / u`
@@ -169,45 +188,63 @@ def blocked_prefix(
     w = ops.reshape(w, (b, h, n, chunk, d))
     if resets is not None:
         resets = ops.reshape(resets, (b, ops.shape(resets)[1], n, chunk))
-    m_local, u_local, scale = chunk_weights(m, u, resets)  # (B, H, N, C), ..., (B, H, N, C, C)
+    m_local, u_local, scale = chunk_weights(m, u, resets, reverse)  # (B, H, N, C), (B, H, N, C, C)
     with full_precision_matmuls():
         w_local = matmul(scale, w)  # (B, H, N, C, D)
     if single:
         carry = start
     else:
         # Each chunk starts from the state of all chunks before it: the chunk summaries shifted
-        # right by one, `start` (or the identity) in front, and their inclusive prefix.
-        summary = tuple(x[:, :, :-1, -1] for x in (m_local, u_local, w_local))
+        # right by one, `start` (or the identity) in front, and their inclusive prefix. In
+        # reverse, from the state of all chunks after it: the summaries (each chunk's first
+        # row) shifted left, `start` behind.
+        local = (m_local, u_local, w_local)
         first = identity_state(b, h, d, m.dtype) if start is None else start
-        carry_leaves = tuple(
-            ops.concatenate([ops.expand_dims(f, 2), s], axis=2) for f, s in zip(first, summary)
-        )
+        if reverse:
+            summary = tuple(x[:, :, 1:, 0] for x in local)
+            carry_leaves = tuple(
+                ops.concatenate([s, ops.expand_dims(f, 2)], axis=2) for f, s in zip(first, summary)
+            )
+        else:
+            summary = tuple(x[:, :, :-1, -1] for x in local)
+            carry_leaves = tuple(
+                ops.concatenate([ops.expand_dims(f, 2), s], axis=2) for f, s in zip(first, summary)
+            )
         carry_resets = None
         if resets is not None:
-            # The summary of chunk j - 1 is carry leaf j; a reset inside it drops what came
-            # before.
+            # The summary of chunk j - 1 (j + 1 in reverse) is carry leaf j; a reset inside it
+            # drops what came before (after) it.
             inside = ops.any(resets, axis=-1)  # (B, 1 or H, N)
-            carry_resets = ops.concatenate([ops.zeros_like(inside[..., :1]), inside[..., :-1]], -1)
-        carry = blocked_prefix(*carry_leaves, chunk_size, levels - 1, carry_resets)[:3]
+            none = ops.zeros_like(inside[..., :1])
+            if reverse:
+                carry_resets = ops.concatenate([inside[..., 1:], none], -1)
+            else:
+                carry_resets = ops.concatenate([none, inside[..., :-1]], -1)
+        carry = blocked_prefix(
+            *carry_leaves, chunk_size, levels - 1, carry_resets, reverse=reverse
+        )[:3]
+    # The state after the last leaf (the first, in reverse): the last row of the last chunk,
+    # whose padding, if any, adds nothing.
+    edge = 0 if reverse else -1
     if carry is None:
         m_total, u_total, w_total = m_local, u_local, w_local
-        final_w = w_local[:, :, -1, -1]
+        final_w = w_local[:, :, edge, edge]
     else:
         m_carry, u_carry, w_carry = carry  # (B, H, N), (B, H, N), (B, H, N, D)
         if single:  # `start` itself, (B, H) and (B, H, D): the carry of the one chunk
             m_carry, u_carry, w_carry = m_carry[..., None], u_carry[..., None], w_carry[:, :, None]
-        # A row after a reset in its own chunk takes nothing from the chunks before.
-        restart = None if resets is None else after_first_start(resets)
+        # A row after a reset in its own chunk (before one, in reverse) takes nothing from the
+        # chunks before (after) it.
+        restart = None
+        if resets is not None:
+            restart = before_last_start(resets) if reverse else after_first_start(resets)
         m_total, scale_carry, scale_local = combine_scales(
             m_carry[..., None], u_carry[..., None], m_local, u_local, restart
         )
         u_total = u_carry[..., None] * scale_carry + u_local * scale_local
-        # The state after the last leaf: the last row of the last chunk, whose padding, if any,
-        # adds nothing.
-        final_w = (
-            w_local[:, :, -1, -1] * scale_local[:, :, -1, -1:]
-            + w_carry[:, :, -1] * scale_carry[:, :, -1, -1:]
-        )
+        edge_local, edge_carry = scale_local[:, :, edge, edge], scale_carry[:, :, edge, edge]
+        final_w = w_local[:, :, edge, edge] * edge_local[..., None]
+        final_w = final_w + w_carry[:, :, edge] * edge_carry[..., None]
         if normalize:
             # The division folds into the scales of the ⊕, so the prefix states' `w` is never
             # formed.
@@ -216,7 +253,7 @@ def blocked_prefix(
         w_total = w_local * scale_local[..., None] + w_carry[..., None, :] * scale_carry[..., None]
     if normalize and carry is None:
         w_total = w_total * _inverse(u_total)[..., None]
-    final = (m_total[:, :, -1, -1], u_total[:, :, -1, -1], final_w)
+    final = (m_total[:, :, edge, edge], u_total[:, :, edge, edge], final_w)
     m_total, u_total = (ops.reshape(x, (b, h, n * chunk))[:, :, :t] for x in (m_total, u_total))
     w_total = ops.reshape(w_total, (b, h, n * chunk, d))[:, :, :t]
     return m_total, u_total, w_total, final
@@ -253,16 +290,17 @@ def chunked_backward(
 
     $$\\frac{\\partial \\ell}{\\partial s_i} = \\sum_{k \\ge i} p_{ki} (v_i - o_k) \\cdot g_k$$
 
-    suffix sums of $e^{-L_k} [g_k, o_k \\cdot g_k]$ scaled by $e^{s_i}$: the forward scan over
-    the reversed sequence, with leaf scores $-m_k$ and values $[g_k, o_k \\cdot g_k] / u_k$
-    ($L_k = m_k + \\log u_k$, kept apart so that no large $m_k$ loses digits to a sum). The
-    running max $m_k$ never decreases, so the reverse scan's max at token i is $-m_i$ and every
-    factor $e^{s_i - m_i}$ is at most 1. The initial state is one more token in front, with mass
-    $u_0 e^{m_0}$ and weighted sum $w_0 e^{m_0}$; the final state adds $e^{s_i - m_T}$ terms,
-    with $m_T$ held constant as in the forward pass. With segments (`resets`, (B, T) bool), the
-    sums run over the token's own segment: the reverse scan starts afresh after each segment's
-    last token, the initial state reaches the first segment's outputs only, and the final state
-    holds the last segment's tokens only.
+    suffix sums of $e^{-L_k} [g_k, o_k \\cdot g_k]$ scaled by $e^{s_i}$: the chunked scan of
+    suffixes (`blocked_prefix(..., reverse=True)`), with leaf scores $-m_k$ and values
+    $[g_k, o_k \\cdot g_k] / u_k$ ($L_k = m_k + \\log u_k$, kept apart so that no large $m_k$
+    loses digits to a sum). The running max $m_k$ never decreases, so the suffix's max at token
+    i is $-m_i$ and every factor $e^{s_i - m_i}$ is at most 1. The final state's cotangent
+    $(g_u, g_w)$ adds $e^{s_i - m_T} [g_w, -g_u]$ (with $m_T$ held constant, as in the forward
+    pass): one more leaf after the last token, the suffix scan's start. The initial state is one
+    more token in front, with mass $u_0 e^{m_0}$ and weighted sum $w_0 e^{m_0}$. With segments
+    (`resets`, (B, T) bool), the sums run over the token's own segment: the suffix scan starts
+    afresh at each segment's last token, so the initial state reaches the first segment's
+    outputs only, and the final state's cotangent the last segment's tokens only.
     """
     m0, u0, w0 = start
     m_k, u_k = total  # (B, H, T)
@@ -272,7 +310,6 @@ def chunked_backward(
     values = head_major(values)  # (B, H, T, D)
     neg = lowest(scores.dtype)
     seen = u_k > 0
-    m_final = m_k[:, :, -1]  # (B, H)
     carried = ops.sum(head_major(outputs) * g_out, axis=-1)  # (B, H, T)
     per_mass = ops.where(seen, 1.0 / ops.where(seen, u_k, 1.0), 0.0)[..., None]
     leaves = (
@@ -280,39 +317,38 @@ def chunked_backward(
         ops.cast(seen, m_k.dtype),
         ops.concatenate([g_out, carried[..., None]], axis=-1) * per_mass,
     )
-    reverse = tuple(ops.flip(x, axis=2) for x in leaves)
-    reverse_resets = None
-    in_last = in_first = None
+    # An empty final state (u == 0) has no cotangent to carry: as the scan's start, it is the
+    # identity.
+    after_last = (
+        -m_k[:, :, -1],
+        ops.cast(seen[:, :, -1], m_k.dtype),
+        ops.concatenate([g_w, -g_u[..., None]], axis=-1),
+    )
+    ends = None
     if resets is not None:
-        # Run backwards, a segment starts at the forward segment's last token: where the next
-        # token starts one.
-        ends = ops.concatenate([resets[:, 1:], ops.zeros_like(resets[:, :1])], axis=1)
-        reverse_resets = ops.flip(ends, axis=1)[:, None, :]  # (B, 1, T)
-        in_last = in_last_segment(resets)[:, None, :]  # (B, 1, T)
-        in_first = ops.logical_not(ops.any(resets, axis=1, keepdims=True))  # (B, 1): one segment
-    suffix_m, _, suffix_w = (
-        ops.flip(x, axis=2) for x in blocked_prefix(*reverse, chunk_size, resets=reverse_resets)[:3]
+        # Read from the end, a segment starts at its last token: where the next token starts one.
+        ends = ops.concatenate([resets[:, 1:], ops.zeros_like(resets[:, :1])], axis=1)[:, None]
+    suffix_m, _, suffix_w, _ = blocked_prefix(
+        *leaves, chunk_size, resets=ends, start=after_last, reverse=True
     )  # (B, H, T), _, (B, H, T, D + 1)
     dim = values.shape[-1]
 
-    real = ops.ones_like(scores, dtype="bool") if mask is None else mask[:, None, :] & seen
-    to_outputs = ops.exp(ops.where(real, scores + suffix_m, neg))  # (B, H, T)
-    final_real = real if in_last is None else ops.logical_and(real, in_last)
-    to_final = ops.exp(ops.where(final_real, scores - m_final[..., None], neg))
-    d_values = to_outputs[..., None] * suffix_w[..., :dim] + to_final[..., None] * g_w[:, :, None]
-    d_scores = (
-        ops.sum(values * d_values, axis=-1)
-        - to_outputs * suffix_w[..., dim]
-        + to_final * g_u[..., None]
-    )
-    d_values = ops.where(real[..., None], d_values, 0.0)
-    d_scores = ops.where(real, d_scores, 0.0)
+    if mask is None:
+        # Every token is real: nothing to select.
+        to_outputs = ops.exp(scores + suffix_m)  # (B, H, T)
+    else:
+        real = mask[:, None, :] & seen
+        to_outputs = ops.exp(ops.where(real, scores + suffix_m, neg))
+    d_values = to_outputs[..., None] * suffix_w[..., :dim]
+    d_scores = ops.sum(values * d_values, axis=-1) - to_outputs * suffix_w[..., dim]
+    if mask is not None:
+        d_values = ops.where(real[..., None], d_values, 0.0)
+        d_scores = ops.where(real, d_scores, 0.0)
 
+    # The initial state reaches what token 0's suffix reaches, the final state included.
     has_start = u0 > 0
     start_to_outputs = ops.exp(ops.where(has_start, m0 + suffix_m[:, :, 0], neg))  # (B, H)
-    final_start = has_start if in_first is None else ops.logical_and(has_start, in_first)
-    start_to_final = ops.exp(ops.where(final_start, m0 - m_final, neg))
-    d_w0 = start_to_outputs[..., None] * suffix_w[:, :, 0, :dim] + start_to_final[..., None] * g_w
-    d_u0 = start_to_final * g_u - start_to_outputs * suffix_w[:, :, 0, dim]
+    d_w0 = start_to_outputs[..., None] * suffix_w[:, :, 0, :dim]
+    d_u0 = -start_to_outputs * suffix_w[:, :, 0, dim]
     d_m0 = ops.sum(w0 * d_w0, axis=-1) + u0 * d_u0
     return head_major(d_scores), head_major(d_values), d_m0, d_u0, d_w0

@@ -5,8 +5,8 @@ Every algorithm, the context-parallel path, the layers' masked outputs and the s
 express a segment through the few functions here:
 
 * the operator: `combine_unless` is ⊕, except that a restart drops what came before;
-* counts of starts along time (`segment_index`, `after_first_start`, `in_last_segment`), which
-  say which tokens share a segment without a loop;
+* counts of starts along time (`segment_index`, `after_first_start`, `before_last_start`,
+  `in_last_segment`), which say which tokens share a segment without a loop;
 * per-row flags applied to states (`per_row`, `reset_rows`, `final_state`).
 
 Shape letters: B batch, T timesteps, H heads, D value dimension.
@@ -36,6 +36,13 @@ def after_first_start(starts):
     """True from the first segment start on (last axis): the tokens the initial state does not
     reach."""
     return segment_index(starts) > 0
+
+
+def before_last_start(starts):
+    """True up to and including the last segment start (last axis): `after_first_start` read
+    from the end, for a scan of suffixes."""
+    index = segment_index(starts)
+    return index < index[..., -1:] + ops.cast(starts, "int32")
 
 
 def in_last_segment(starts):
