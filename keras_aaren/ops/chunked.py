@@ -116,7 +116,10 @@ def chunk_weights(m, u, resets=None, reverse=False):
         causal = ops.logical_and(causal, ops.equal(run[..., :, None], run[..., None, :]))
     logits = ops.where(causal, m[..., None, :], neg)  # (..., L, L)
     m_prefix = ops.stop_gradient(ops.max(logits, axis=-1))  # (..., L)
-    scale = ops.where(causal, ops.exp(logits - m_prefix[..., None]), 0.0)  # (..., L, L)
+    # The exponent of every pair, selected after `exp`: an `exp` of the dtype's minimum, as the
+    # pairs outside the mask would give, takes a slow path in some vectorized libraries, and
+    # those pairs are dropped whatever their value.
+    scale = ops.where(causal, ops.exp(m[..., None, :] - m_prefix[..., None]), 0.0)  # (..., L, L)
     u_prefix = ops.sum(scale * u[..., None, :], axis=-1)
     return m_prefix, u_prefix, scale
 
@@ -304,18 +307,15 @@ def chunked_backward(
     """
     m0, u0, w0 = start
     m_k, u_k = total  # (B, H, T)
-    g_out, _, g_u, g_w = cotangents
-    g_out = head_major(g_out)  # (B, H, T, D)
-    scores = head_major(scores)  # (B, H, T)
-    values = head_major(values)  # (B, H, T, D)
+    g_out, _, g_u, g_w = cotangents  # g_out: (B, T, H, D)
     neg = lowest(scores.dtype)
     seen = u_k > 0
-    carried = ops.sum(head_major(outputs) * g_out, axis=-1)  # (B, H, T)
+    carried = head_major(ops.sum(outputs * g_out, axis=-1))  # (B, H, T)
     per_mass = ops.where(seen, 1.0 / ops.where(seen, u_k, 1.0), 0.0)[..., None]
     leaves = (
         ops.where(seen, -m_k, neg),
         ops.cast(seen, m_k.dtype),
-        ops.concatenate([g_out, carried[..., None]], axis=-1) * per_mass,
+        ops.concatenate([head_major(g_out), carried[..., None]], axis=-1) * per_mass,
     )
     # An empty final state (u == 0) has no cotangent to carry: as the scan's start, it is the
     # identity.
@@ -330,14 +330,18 @@ def chunked_backward(
         ends = ops.concatenate([resets[:, 1:], ops.zeros_like(resets[:, :1])], axis=1)[:, None]
     suffix_m, _, suffix_w, _ = blocked_prefix(
         *leaves, chunk_size, resets=ends, start=after_last, reverse=True
-    )  # (B, H, T), _, (B, H, T, D + 1)
+    )
+    # Token-major again, (B, T, H) and (B, T, H, D + 1), before the products with the scores
+    # and values: one transpose of the suffixes, where transposing every product costs XLA
+    # more than the suffix scan itself.
+    suffix_m, suffix_w = head_major(suffix_m), head_major(suffix_w)
     dim = values.shape[-1]
 
     if mask is None:
         # Every token is real: nothing to select.
-        to_outputs = ops.exp(scores + suffix_m)  # (B, H, T)
+        to_outputs = ops.exp(scores + suffix_m)  # (B, T, H)
     else:
-        real = mask[:, None, :] & seen
+        real = mask[:, :, None] & head_major(seen)
         to_outputs = ops.exp(ops.where(real, scores + suffix_m, neg))
     d_values = to_outputs[..., None] * suffix_w[..., :dim]
     d_scores = ops.sum(values * d_values, axis=-1) - to_outputs * suffix_w[..., dim]
@@ -347,8 +351,8 @@ def chunked_backward(
 
     # The initial state reaches what token 0's suffix reaches, the final state included.
     has_start = u0 > 0
-    start_to_outputs = ops.exp(ops.where(has_start, m0 + suffix_m[:, :, 0], neg))  # (B, H)
-    d_w0 = start_to_outputs[..., None] * suffix_w[:, :, 0, :dim]
-    d_u0 = -start_to_outputs * suffix_w[:, :, 0, dim]
+    start_to_outputs = ops.exp(ops.where(has_start, m0 + suffix_m[:, 0], neg))  # (B, H)
+    d_w0 = start_to_outputs[..., None] * suffix_w[:, 0, :, :dim]
+    d_u0 = -start_to_outputs * suffix_w[:, 0, :, dim]
     d_m0 = ops.sum(w0 * d_w0, axis=-1) + u0 * d_u0
-    return head_major(d_scores), head_major(d_values), d_m0, d_u0, d_w0
+    return d_scores, d_values, d_m0, d_u0, d_w0
