@@ -47,8 +47,8 @@ Keras behaviour the package works around:
    TensorFlow: on PyTorch, `keras.ops.matmul` and `keras.ops.maximum` compute two float64
    tensors in float32, and `keras.ops.where` converts a Python float through float32 (float64's
    minimum becomes -inf). `ops.backend.matmul` (an `einsum` there), `ops.recurrence.larger` (a
-   selection) and `ops.recurrence.lowest` (no lower than float32's minimum) keep float64 end
-   to end.
+   selection for float64 there) and `ops.recurrence.lowest` (no lower than float32's minimum)
+   keep float64 end to end.
 9. `keras.ops.associative_scan` on PyTorch interleaves its partial results in torch's default
    dtype, float32, whatever the inputs' dtype: `method="associative"` on PyTorch is exact to
    float32 rounding for float64 inputs. The default method, `"chunked"`, does not use it.

@@ -62,10 +62,12 @@ def identity_state(batch_size, num_heads, value_dim, dtype="float32"):
 def larger(a, b):
     """The elementwise max of `a` and `b`, in the dtype of `a`.
 
-    `keras.ops.maximum` promotes its inputs by Keras' type rules, which on PyTorch compute two
-    float64 tensors in float32; a selection keeps the dtype on every backend.
+    `keras.ops.maximum`, except for float64 on PyTorch, where Keras' type promotion computes it
+    in float32 (`keras_aaren.compat`, item 8) and a selection keeps the dtype.
     """
-    return ops.where(a >= b, a, b)
+    if backend.backend() == "torch" and backend.standardize_dtype(a.dtype) == "float64":
+        return ops.where(a >= b, a, b)
+    return ops.maximum(a, b)
 
 
 def empty_as_identity(m, u):
@@ -258,21 +260,13 @@ def _step(state, score, value, per_value, empty_as_lowest):
     score = ops.cast(score, dtype)
     value = ops.cast(value, dtype)
     m = empty_as_lowest(m, u)
-    m_new = ops.stop_gradient(_maximum(m, score))
+    m_new = ops.stop_gradient(larger(m, score))
     scale_old = ops.exp(m - m_new)
     scale_new = ops.exp(score - m_new)
     u_new = u * scale_old + scale_new
     w_new = w * per_value(scale_old) + value * per_value(scale_new)
     output = w_new / per_value(u_new)
     return ops.cast(output, out_dtype), (m_new, u_new, w_new)
-
-
-def _maximum(a, b):
-    """`keras.ops.maximum` of two tensors of one dtype; `larger` for float64 on PyTorch, whose
-    `maximum` computes it in float32. A select would trace as more ops than one maximum."""
-    if backend.backend() == "torch" and backend.standardize_dtype(a.dtype) == "float64":
-        return larger(a, b)
-    return ops.maximum(a, b)
 
 
 def token_leaves(scores, values, mask):
